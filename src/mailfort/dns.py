@@ -1,0 +1,96 @@
+"""The one DNS resolver every lookup in mailfort goes through.
+
+Tests and `mailfort dev --dns HOST:PORT` point it at a private server; production uses the
+system's resolvers or the configured ones. Keeping one object means SPF, DKIM, DMARC, ARC,
+MX and MTA-STS lookups all honour the same setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.rdatatype
+import dns.rdata
+import dns.resolver
+
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
+
+
+@dataclass(frozen=True)
+class Nameserver:
+    host: str
+    port: int = 53
+
+    @classmethod
+    def parse(cls, spec: str) -> Nameserver:
+        """Parse ``HOST``, ``HOST:PORT`` or ``[V6]:PORT``."""
+        spec = spec.strip()
+        if spec.startswith("["):
+            host, _, rest = spec[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else 53
+        elif spec.count(":") == 1:
+            host, port_s = spec.split(":")
+            port = int(port_s)
+        else:
+            host, port = spec, 53
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"bad nameserver {spec!r}: expected HOST[:PORT]")
+        return cls(host, port)
+
+
+class TemporaryDNSError(Exception):
+    """A lookup failed for a reason that may pass (timeout, SERVFAIL)."""
+
+
+class Resolver:
+    """Async and sync lookups against one configured set of nameservers."""
+
+    def __init__(self, nameservers: list[Nameserver] | None = None, timeout: float = 5.0) -> None:
+        self.nameservers = nameservers or []
+        self.timeout = timeout
+        self._async = self._configure(dns.asyncresolver.Resolver)
+        self._sync = self._configure(dns.resolver.Resolver)
+
+    def _configure(self, cls: type[R]) -> R:
+        if not self.nameservers:
+            res = cls()
+        else:
+            res = cls(configure=False)
+            # dnspython takes one port for all nameservers; tests use a single server.
+            res.nameservers = [ns.host for ns in self.nameservers]
+            res.port = self.nameservers[0].port
+        res.lifetime = self.timeout
+        res.timeout = self.timeout
+        return res
+
+    @property
+    def sync(self) -> dns.resolver.Resolver:
+        """The blocking resolver, for libraries that resolve synchronously (pyspf, dkimpy)."""
+        return self._sync
+
+    async def txt(self, name: str) -> list[str]:
+        """TXT strings at ``name`` (each record's chunks joined); [] when none exist."""
+        answer = await self._query(name, "TXT")
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+
+    async def mx(self, name: str) -> list[tuple[int, str]]:
+        answer = await self._query(name, "MX")
+        return sorted((r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer)
+
+    async def addresses(self, name: str) -> list[str]:
+        out: list[str] = []
+        for rtype in ("AAAA", "A"):
+            out.extend(r.to_text() for r in await self._query(name, rtype))
+        return out
+
+    async def _query(self, name: str, rtype: str) -> list[dns.rdata.Rdata]:
+        try:
+            answer = await self._async.resolve(name, rtype, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            raise TemporaryDNSError(f"{rtype} lookup failed") from exc
+        return list(answer) if answer.rrset is not None else []
