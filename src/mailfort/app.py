@@ -1,0 +1,144 @@
+"""Service wiring: build the directory, store and listeners from settings and run them.
+
+`mailfort dev` is the embedded default: everything under one data directory, loopback
+ports, a self-signed certificate, and a demo account it prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailfort import config, tls
+from mailfort.directory.service import Directory
+from mailfort.dns import Nameserver, Resolver
+from mailfort.store.service import MailStore
+
+DEMO_DOMAIN = "example.test"
+DEMO_USER = f"demo@{DEMO_DOMAIN}"
+
+
+@dataclass
+class Services:
+    """What listeners are built from; one instance per worker process."""
+
+    settings: config.Settings
+    directory: Directory
+    store: MailStore
+    resolver: Resolver
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
+
+
+# A listener factory starts its servers for the named port and returns the bound port.
+ListenerFactory = Callable[[Services, str, int], Awaitable[int]]
+LISTENER_FACTORIES: dict[str, ListenerFactory] = {}
+
+
+def build(settings: config.Settings) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(settings.data_dir, 0o700)
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    tls.ensure_self_signed(settings.tls_cert, settings.tls_key, settings.hostname)
+    return Services(
+        settings=settings,
+        directory=Directory.open(settings.directory_url),
+        store=MailStore(settings.data_dir),
+        resolver=Resolver(settings.nameservers),
+    )
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def _serve(services: Services, ready: Callable[[dict[str, int]], None]) -> None:
+    bound: dict[str, int] = {}
+    for name, factory in LISTENER_FACTORIES.items():
+        port = services.settings.ports.get(name)
+        if port is None:
+            continue
+        bound[name] = await factory(services, services.settings.listen_host, port)
+    ready(bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for server in services.servers:
+        server.close()
+    for server in services.servers:
+        await server.wait_closed()
+
+
+def _run_loop(coro: Awaitable[None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def run(settings: config.Settings) -> int:
+    services = build(settings)
+    try:
+        _run_loop(_serve(services, lambda ports: print(json.dumps({"ports": ports}), flush=True)))
+    finally:
+        services.store.close()
+        services.directory.close()
+    return 0
+
+
+def run_dev(data_dir: Path, dns: str | None) -> int:
+    settings = config.Settings(data_dir=data_dir, hostname="localhost")
+    if dns:
+        try:
+            settings.nameservers = [Nameserver.parse(dns)]
+        except ValueError as exc:
+            raise SystemExit(f"mailfort: --dns: {exc}") from exc
+    settings.ports = {name: free_port(settings.listen_host) for name in LISTENER_FACTORIES}
+    services = build(settings)
+    password = _ensure_demo(services.directory, data_dir)
+
+    def ready(ports: dict[str, int]) -> None:
+        info = {"ports": ports, "user": DEMO_USER, "password": password}
+        path = data_dir / "dev.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh, indent=2)
+        print(f"mailfort dev: data in {data_dir}")
+        for name, port in sorted(ports.items()):
+            print(f"  {name:<12} {settings.listen_host}:{port}")
+        print(f"  user         {DEMO_USER}")
+        print(f"  password     {password}")
+        print(f"  (also in {path}; Ctrl-C stops)", flush=True)
+
+    try:
+        _run_loop(_serve(services, ready))
+    finally:
+        services.store.close()
+        services.directory.close()
+    return 0
+
+
+def _ensure_demo(directory: Directory, data_dir: Path) -> str:
+    """The demo account survives restarts: its password is kept in dev.json."""
+    known = data_dir / "dev.json"
+    if directory.get_user(DEMO_USER) is not None and known.exists():
+        return str(json.loads(known.read_text())["password"])
+    if DEMO_DOMAIN not in directory.list_domains():
+        directory.add_domain(DEMO_DOMAIN)
+    if directory.get_user(DEMO_USER) is not None:
+        directory.remove_user(DEMO_USER)
+    password = "demo-" + secrets.token_urlsafe(12)
+    directory.add_user(DEMO_USER, password)
+    return password

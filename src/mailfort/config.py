@@ -1,0 +1,139 @@
+"""Typed settings: a TOML file, then environment overrides, validated at start.
+
+A bad setting stops the service at start with one line naming the key, rather than failing
+later in a session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailfort.dns import Nameserver
+
+LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "https")
+PRODUCTION_PORTS = {
+    "smtp": 25,
+    "submission": 587,
+    "submissions": 465,
+    "imap": 143,
+    "imaps": 993,
+    "pop3": 110,
+    "pop3s": 995,
+    "https": 443,
+}
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the key."""
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    hostname: str = field(default_factory=socket.getfqdn)
+    directory_url: str = ""
+    nameservers: list[Nameserver] = field(default_factory=list)
+    listen_host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=dict)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.directory_url:
+            self.directory_url = f"sqlite:///{self.data_dir / 'directory.sqlite3'}"
+        if self.tls_cert is None:
+            self.tls_cert = self.data_dir / "tls" / "cert.pem"
+        if self.tls_key is None:
+            self.tls_key = self.data_dir / "tls" / "key.pem"
+
+
+_SCHEMA: dict[str, dict[str, type]] = {
+    "": {"data_dir": str, "hostname": str},
+    "directory": {"url": str},
+    "dns": {"nameservers": list},
+    "listen": {"host": str, **{name: int for name in LISTENERS}},
+    "tls": {"cert": str, "key": str},
+}
+
+# Environment overrides: the variable, and the TOML key it replaces.
+_ENV = {
+    "MAILFORT_DATA_DIR": "data_dir",
+    "MAILFORT_HOSTNAME": "hostname",
+    "MAILFORT_DIRECTORY_URL": "directory.url",
+    "MAILFORT_DNS": "dns.nameservers",
+}
+
+
+def _flatten(doc: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            if key not in _SCHEMA or key == "":
+                raise ConfigError(f"unknown section [{key}]")
+            for sub, subvalue in value.items():
+                flat[f"{key}.{sub}"] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check(flat: dict[str, Any]) -> None:
+    for key, value in flat.items():
+        section, _, name = key.rpartition(".")
+        expected = _SCHEMA.get(section, {}).get(name)
+        if expected is None:
+            raise ConfigError(f"unknown setting {key!r}")
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"setting {key!r} must be a {expected.__name__}, not {value!r}")
+
+
+def load(path: Path | None, env: Mapping[str, str] = os.environ) -> Settings:
+    flat: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                flat = _flatten(tomllib.load(fh))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for var, key in _ENV.items():
+        if var in env:
+            flat[key] = env[var].split(",") if key == "dns.nameservers" else env[var]
+    _check(flat)
+    return from_flat(flat)
+
+
+def from_flat(flat: dict[str, Any]) -> Settings:
+    if "data_dir" not in flat:
+        raise ConfigError("setting 'data_dir' is required")
+    try:
+        nameservers = [Nameserver.parse(str(s)) for s in flat.get("dns.nameservers", [])]
+    except ValueError as exc:
+        raise ConfigError(f"setting 'dns.nameservers': {exc}") from exc
+    ports: dict[str, int] = {}
+    for name in LISTENERS:
+        port = flat.get(f"listen.{name}")
+        if port is None:
+            continue
+        if not 0 <= port < 65536:
+            raise ConfigError(f"setting 'listen.{name}' must be a port number, not {port}")
+        ports[name] = port
+    settings = Settings(
+        data_dir=Path(flat["data_dir"]).expanduser(),
+        directory_url=flat.get("directory.url", ""),
+        nameservers=nameservers,
+        listen_host=flat.get("listen.host", "127.0.0.1"),
+        ports=ports,
+        tls_cert=Path(flat["tls.cert"]) if "tls.cert" in flat else None,
+        tls_key=Path(flat["tls.key"]) if "tls.key" in flat else None,
+    )
+    if "hostname" in flat:
+        settings.hostname = flat["hostname"]
+    return settings

@@ -1,0 +1,59 @@
+"""Local delivery: route a recipient through the directory and file the message durably.
+
+Shared by the local delivery agent (`mailfort deliver`) and the inbound MX, so both apply
+the same routing (exact user, plus-tag, alias, catch-all) and the same durability rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailfort.directory.service import Directory, Route, RouteKind, User
+from mailfort.store.service import MailStore, Recipient
+
+
+class UnknownRecipient(Exception):
+    pass
+
+
+class NotHosted(Exception):
+    pass
+
+
+class ForwardingUnavailable(Exception):
+    """The route needs the relay (outside targets), which a local delivery cannot do."""
+
+
+@dataclass(frozen=True)
+class LocalTargets:
+    users: tuple[User, ...]
+    route: Route
+
+
+def recipient(user: User) -> Recipient:
+    return Recipient(user.mailbox_id, user.public_keys)
+
+
+def local_targets(directory: Directory, address: str) -> LocalTargets:
+    route = directory.route(address)
+    if route.kind is RouteKind.NOT_HOSTED:
+        raise NotHosted(address)
+    if route.kind is RouteKind.UNKNOWN_USER:
+        raise UnknownRecipient(address)
+    if route.forwards:
+        raise ForwardingUnavailable(address)
+    # An alias listing one user twice (directly and via catch-all) files one copy.
+    unique = tuple({u.mailbox_id: u for u in route.users}.values())
+    return LocalTargets(unique, route)
+
+
+def with_return_path(raw: bytes, mail_from: str | None) -> bytes:
+    """RFC 5321 §4.4: the delivering MTA records the envelope sender in Return-Path."""
+    if mail_from is None:
+        return raw
+    return b"Return-Path: <" + mail_from.encode("utf-8") + b">\r\n" + raw
+
+
+def deliver_local(store: MailStore, targets: LocalTargets, raw: bytes) -> None:
+    for user in targets.users:
+        store.deliver_sync(recipient(user), raw)

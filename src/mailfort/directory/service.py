@@ -1,0 +1,520 @@
+"""The account directory: domains, users, aliases and key slots, on SQLite or PostgreSQL.
+
+Every change that writes more than one row runs in one transaction, so a failure leaves
+nothing half written. Secrets never reach this module's tables: only key slots (verifiers
+and wrapped keys) and public delivery keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets as pysecrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from mailfort.directory import schema as t
+from mailfort.directory.addresses import (
+    Address,
+    AddressError,
+    normalise_domain,
+    parse_local_address,
+    parse_remote_address,
+    split_plus,
+)
+from mailfort.directory.passwords import check_password_strength
+from mailfort.keys.secrets import MailboxSecrets, PublicKeys
+from mailfort.keys.slots import (
+    KeySlot,
+    SlotKind,
+    WrongSecret,
+    create_slot,
+    generate_secret,
+    open_slot,
+    verify_slot,
+)
+
+MAX_ALIAS_TARGETS = 10
+
+
+class DirectoryError(Exception):
+    """A refused directory change; the message is one clear line for the operator."""
+
+
+class AuthFailed(Exception):
+    """Unknown account or wrong secret: the two are deliberately indistinguishable."""
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    address: Address
+    mailbox_id: str
+    public_keys: PublicKeys
+
+
+@dataclass(frozen=True)
+class NewUser:
+    user: User
+    password: str | None  # None when the operator chose it
+    recovery_key: str
+
+
+@dataclass(frozen=True)
+class AppPassword:
+    id: int
+    label: str
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Alias:
+    address: str
+    targets: tuple[str, ...]
+
+
+class RouteKind(enum.Enum):
+    LOCAL = "local"
+    UNKNOWN_USER = "unknown-user"
+    NOT_HOSTED = "not-hosted"
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    users: tuple[User, ...] = ()
+    forwards: tuple[str, ...] = ()  # addresses outside our domains
+    tag: str | None = None  # the plus-tag, which travels with the message
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    user: User
+    secrets: MailboxSecrets
+    slot_kind: SlotKind
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def make_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: object, _record: object) -> None:
+            cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+class Directory:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        t.migrate(engine)
+
+    @classmethod
+    def open(cls, url: str) -> Directory:
+        return cls(make_engine(url))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- domains -------------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> str:
+        domain = self._domain_name(name)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(t.domains.insert().values(name=domain, created_at=_now()))
+        except IntegrityError as exc:
+            raise DirectoryError(f"domain {domain} already exists") from exc
+        return domain
+
+    def list_domains(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(t.domains.c.name).order_by("name")).scalars())
+
+    def remove_domain(self, name: str) -> None:
+        domain = self._domain_name(name)
+        with self.engine.begin() as conn:
+            domain_id = self._domain_id(conn, domain)
+            for table, what in ((t.users, "users"), (t.aliases, "aliases")):
+                count = conn.execute(
+                    sa.select(sa.func.count()).where(table.c.domain_id == domain_id)
+                ).scalar_one()
+                if count:
+                    raise DirectoryError(
+                        f"domain {domain} still has {count} {what}; remove them first"
+                    )
+            conn.execute(t.domains.delete().where(t.domains.c.id == domain_id))
+
+    # ---- users ---------------------------------------------------------------------------
+
+    def add_user(self, address: str, password: str | None = None) -> NewUser:
+        addr = self._local(address)
+        generated = password is None
+        if password is None:
+            password = generate_secret()
+        else:
+            check_password_strength(password, addr.local)
+        recovery = generate_secret()
+        mailbox_id = pysecrets.token_hex(16)
+        secrets = MailboxSecrets.generate()
+        owner = mailbox_id.encode()
+        # Derive slots before the transaction: Argon2id must not hold a write lock.
+        slots = [
+            (create_slot(SlotKind.PASSWORD, password, secrets, owner), "password"),
+            (create_slot(SlotKind.RECOVERY, recovery, secrets, owner), "recovery"),
+        ]
+        pub = secrets.public_keys()
+        with self.engine.begin() as conn:
+            domain_id = self._domain_id(conn, addr.domain)
+            if self._alias_id(conn, domain_id, addr.local) is not None:
+                raise DirectoryError(f"{addr} is already an alias")
+            try:
+                user_id = conn.execute(
+                    t.users.insert().values(
+                        domain_id=domain_id,
+                        local_part=addr.local,
+                        mailbox_id=mailbox_id,
+                        public_keys=pub.to_bytes(),
+                        created_at=_now(),
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            except IntegrityError as exc:
+                raise DirectoryError(f"user {addr} already exists") from exc
+            for slot, label in slots:
+                self._insert_slot(conn, user_id, slot, label)
+        user = User(user_id, addr, mailbox_id, pub)
+        return NewUser(user, password if generated else None, recovery)
+
+    def list_users(self, domain: str | None = None) -> list[User]:
+        query = self._user_query()
+        if domain is not None:
+            query = query.where(t.domains.c.name == self._domain_name(domain))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(t.domains.c.name, t.users.c.local_part))
+            return [self._user(r) for r in rows]
+
+    def get_user(self, address: str) -> User | None:
+        try:
+            addr = parse_local_address(address)
+        except AddressError:
+            return None
+        with self.engine.connect() as conn:
+            return self._find_user(conn, addr)
+
+    def remove_user(self, address: str) -> User:
+        addr = self._local(address)
+        with self.engine.begin() as conn:
+            user = self._find_user(conn, addr)
+            if user is None:
+                raise DirectoryError(f"no such user: {addr}")
+            conn.execute(t.key_slots.delete().where(t.key_slots.c.user_id == user.id))
+            conn.execute(t.users.delete().where(t.users.c.id == user.id))
+        return user
+
+    # ---- secrets and key slots -----------------------------------------------------------
+
+    def unlock(self, address: str, secret: str) -> Unlocked:
+        """Open the account's keys with any of its secrets (password, app password, recovery)."""
+        user, slots = self._user_and_slots(address)
+        for _slot_id, slot in self._candidate_slots(slots, secret):
+            try:
+                return Unlocked(user, open_slot(slot, secret, user.mailbox_id.encode()), slot.kind)
+            except WrongSecret:
+                continue
+        raise AuthFailed
+
+    def authenticate(self, address: str, secret: str) -> User:
+        """Check a secret without opening keys (for logins that need none, like SMTP AUTH)."""
+        user, slots = self._user_and_slots(address)
+        if any(verify_slot(s, secret) for _i, s in self._candidate_slots(slots, secret)):
+            return user
+        raise AuthFailed
+
+    def change_password(self, address: str, current_secret: str, new_password: str | None) -> str:
+        """Re-wrap the password slot; returns the new password. No mail is re-encrypted."""
+        unlocked = self.unlock(address, current_secret)
+        generated = new_password is None
+        if new_password is None:
+            new_password = generate_secret()
+        else:
+            check_password_strength(new_password, unlocked.user.address.local)
+        owner = unlocked.user.mailbox_id.encode()
+        slot = create_slot(SlotKind.PASSWORD, new_password, unlocked.secrets, owner)
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.key_slots.delete().where(
+                    (t.key_slots.c.user_id == unlocked.user.id)
+                    & (t.key_slots.c.kind == SlotKind.PASSWORD.value)
+                )
+            )
+            self._insert_slot(conn, unlocked.user.id, slot, "password")
+        del generated
+        return new_password
+
+    def add_app_password(self, address: str, current_secret: str, label: str) -> str:
+        unlocked = self.unlock(address, current_secret)
+        label = label.strip()
+        if not label or len(label) > 64 or not label.isprintable():
+            raise DirectoryError("app password label must be 1-64 printable characters")
+        secret = generate_secret()
+        slot = create_slot(
+            SlotKind.APP, secret, unlocked.secrets, unlocked.user.mailbox_id.encode()
+        )
+        with self.engine.begin() as conn:
+            self._insert_slot(conn, unlocked.user.id, slot, label)
+        return secret
+
+    def list_app_passwords(self, address: str) -> list[AppPassword]:
+        user = self._require_user(address)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.key_slots.c.id, t.key_slots.c.label, t.key_slots.c.created_at)
+                .where(
+                    (t.key_slots.c.user_id == user.id) & (t.key_slots.c.kind == SlotKind.APP.value)
+                )
+                .order_by(t.key_slots.c.id)
+            )
+            return [AppPassword(r.id, r.label, r.created_at) for r in rows]
+
+    def revoke_app_password(self, address: str, which: str) -> AppPassword:
+        """Delete an app password's slot by id or label: it opens nothing afterwards."""
+        matches = [
+            a for a in self.list_app_passwords(address) if str(a.id) == which or a.label == which
+        ]
+        if not matches:
+            raise DirectoryError(f"no app password {which!r} for {address}")
+        if len(matches) > 1:
+            raise DirectoryError(f"several app passwords are labelled {which!r}; revoke by id")
+        with self.engine.begin() as conn:
+            conn.execute(t.key_slots.delete().where(t.key_slots.c.id == matches[0].id))
+        return matches[0]
+
+    # ---- aliases and routing -------------------------------------------------------------
+
+    def add_alias(self, alias: str, targets: Iterable[str]) -> Alias:
+        local, _, domain = alias.strip().rpartition("@")
+        addr = Address("*", normalise_domain(domain)) if local == "*" else self._local(alias)
+        target_list = list(dict.fromkeys(targets))
+        if not target_list:
+            raise DirectoryError("an alias needs at least one target")
+        if len(target_list) > MAX_ALIAS_TARGETS:
+            raise DirectoryError(f"an alias forwards to at most {MAX_ALIAS_TARGETS} targets")
+        with self.engine.begin() as conn:
+            domain_id = self._domain_id(conn, addr.domain)
+            hosted = set(conn.execute(sa.select(t.domains.c.name)).scalars())
+            clean: list[str] = []
+            for target in target_list:
+                clean.append(self._alias_target(conn, target, hosted))
+            if addr.local != "*" and self._find_user(conn, addr) is not None:
+                raise DirectoryError(f"{addr} is already a user")
+            try:
+                alias_id = conn.execute(
+                    t.aliases.insert().values(
+                        domain_id=domain_id, local_part=addr.local, created_at=_now()
+                    )
+                ).inserted_primary_key[0]  # type: ignore[index]
+            except IntegrityError as exc:
+                raise DirectoryError(f"alias {addr} already exists") from exc
+            conn.execute(
+                t.alias_targets.insert(),
+                [{"alias_id": alias_id, "position": i, "target": c} for i, c in enumerate(clean)],
+            )
+        return Alias(str(addr), tuple(clean))
+
+    def list_aliases(self, domain: str | None = None) -> list[Alias]:
+        query = (
+            sa.select(t.aliases.c.local_part, t.domains.c.name, t.alias_targets.c.target)
+            .join(t.domains, t.domains.c.id == t.aliases.c.domain_id)
+            .join(t.alias_targets, t.alias_targets.c.alias_id == t.aliases.c.id)
+            .order_by(t.domains.c.name, t.aliases.c.local_part, t.alias_targets.c.position)
+        )
+        if domain is not None:
+            query = query.where(t.domains.c.name == self._domain_name(domain))
+        grouped: dict[str, list[str]] = {}
+        with self.engine.connect() as conn:
+            for local, dom, target in conn.execute(query):
+                grouped.setdefault(f"{local}@{dom}", []).append(target)
+        return [Alias(a, tuple(ts)) for a, ts in grouped.items()]
+
+    def remove_alias(self, alias: str) -> None:
+        local, _, domain = alias.strip().rpartition("@")
+        addr = Address("*", normalise_domain(domain)) if local == "*" else self._local(alias)
+        with self.engine.begin() as conn:
+            domain_id = self._domain_id(conn, addr.domain)
+            alias_id = self._alias_id(conn, domain_id, addr.local)
+            if alias_id is None:
+                raise DirectoryError(f"no such alias: {addr}")
+            conn.execute(t.alias_targets.delete().where(t.alias_targets.c.alias_id == alias_id))
+            conn.execute(t.aliases.delete().where(t.aliases.c.id == alias_id))
+
+    def route(self, address: str) -> Route:
+        """Where mail for ``address`` goes: exact user, plus-tag, exact alias, then catch-all."""
+        local, _, domain = address.strip().rpartition("@")
+        try:
+            domain = normalise_domain(domain)
+        except AddressError:
+            return Route(RouteKind.NOT_HOSTED)
+        base, tag = split_plus(local.lower())
+        with self.engine.connect() as conn:
+            domain_id = conn.execute(
+                sa.select(t.domains.c.id).where(t.domains.c.name == domain)
+            ).scalar()
+            if domain_id is None:
+                return Route(RouteKind.NOT_HOSTED)
+            user = self._find_user(conn, Address(base, domain))
+            if user is not None:
+                return Route(RouteKind.LOCAL, users=(user,), tag=tag)
+            for candidate in (base, "*"):
+                alias_id = self._alias_id(conn, domain_id, candidate)
+                if alias_id is not None:
+                    return self._alias_route(conn, alias_id, tag)
+        return Route(RouteKind.UNKNOWN_USER)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _alias_route(self, conn: sa.Connection, alias_id: int, tag: str | None) -> Route:
+        targets = conn.execute(
+            sa.select(t.alias_targets.c.target)
+            .where(t.alias_targets.c.alias_id == alias_id)
+            .order_by(t.alias_targets.c.position)
+        ).scalars()
+        users: list[User] = []
+        forwards: list[str] = []
+        for target in targets:
+            user = self._find_user(conn, parse_remote_address(target))
+            if user is not None:
+                users.append(user)
+            else:
+                forwards.append(target)
+        return Route(RouteKind.LOCAL, tuple(users), tuple(forwards), tag)
+
+    def _alias_target(self, conn: sa.Connection, target: str, hosted: set[str]) -> str:
+        try:
+            addr = parse_remote_address(target)
+        except AddressError as exc:
+            raise DirectoryError(f"invalid alias target {target!r}") from exc
+        if addr.domain in hosted:
+            local = Address(addr.local.lower(), addr.domain)
+            # Targets in our domains must be users: alias chains would allow loops.
+            if self._find_user(conn, local) is None:
+                raise DirectoryError(f"alias target {local} is not a user here")
+            return str(local)
+        return str(addr)
+
+    @staticmethod
+    def _candidate_slots(
+        slots: list[tuple[int, KeySlot]], secret: str
+    ) -> list[tuple[int, KeySlot]]:
+        # Generated-secret slots cost microseconds: try them before the Argon2id one, so an
+        # app-password login never pays for the slow KDF.
+        del secret
+        return sorted(slots, key=lambda s: s[1].kind is SlotKind.PASSWORD)
+
+    def _user_and_slots(self, address: str) -> tuple[User, list[tuple[int, KeySlot]]]:
+        try:
+            addr = parse_local_address(address)
+        except AddressError as exc:
+            raise AuthFailed from exc
+        with self.engine.connect() as conn:
+            user = self._find_user(conn, addr)
+            if user is None:
+                raise AuthFailed
+            rows = conn.execute(sa.select(t.key_slots).where(t.key_slots.c.user_id == user.id))
+            slots = [
+                (r.id, KeySlot(SlotKind(r.kind), r.salt, dict(r.kdf), r.verifier, r.wrapped))
+                for r in rows
+            ]
+        return user, slots
+
+    def _insert_slot(self, conn: sa.Connection, user_id: int, slot: KeySlot, label: str) -> None:
+        conn.execute(
+            t.key_slots.insert().values(
+                user_id=user_id,
+                kind=slot.kind.value,
+                label=label,
+                salt=slot.salt,
+                kdf=slot.kdf,
+                verifier=slot.verifier,
+                wrapped=slot.wrapped,
+                created_at=_now(),
+            )
+        )
+
+    def _require_user(self, address: str) -> User:
+        user = self.get_user(address)
+        if user is None:
+            raise DirectoryError(f"no such user: {address}")
+        return user
+
+    @staticmethod
+    def _user_query() -> sa.Select[tuple[object, ...]]:
+        return sa.select(
+            t.users.c.id,
+            t.users.c.local_part,
+            t.domains.c.name,
+            t.users.c.mailbox_id,
+            t.users.c.public_keys,
+        ).join(t.domains, t.domains.c.id == t.users.c.domain_id)
+
+    @staticmethod
+    def _user(row: sa.Row[tuple[object, ...]]) -> User:
+        m = row._mapping
+        return User(
+            int(m["id"]),
+            Address(str(m["local_part"]), str(m["name"])),
+            str(m["mailbox_id"]),
+            PublicKeys.from_bytes(bytes(m["public_keys"])),
+        )
+
+    def _find_user(self, conn: sa.Connection, addr: Address) -> User | None:
+        row = conn.execute(
+            self._user_query().where(
+                (t.domains.c.name == addr.domain) & (t.users.c.local_part == addr.local)
+            )
+        ).first()
+        return self._user(row) if row is not None else None
+
+    @staticmethod
+    def _domain_name(name: str) -> str:
+        try:
+            return normalise_domain(name)
+        except AddressError as exc:
+            raise DirectoryError(str(exc)) from exc
+
+    @staticmethod
+    def _local(address: str) -> Address:
+        try:
+            return parse_local_address(address)
+        except AddressError as exc:
+            raise DirectoryError(str(exc)) from exc
+
+    @staticmethod
+    def _domain_id(conn: sa.Connection, domain: str) -> int:
+        domain_id = conn.execute(
+            sa.select(t.domains.c.id).where(t.domains.c.name == domain)
+        ).scalar()
+        if domain_id is None:
+            raise DirectoryError(f"unknown domain: {domain} (add it with 'mailfort domain add')")
+        return int(domain_id)
+
+    @staticmethod
+    def _alias_id(conn: sa.Connection, domain_id: int, local: str) -> int | None:
+        alias_id = conn.execute(
+            sa.select(t.aliases.c.id).where(
+                (t.aliases.c.domain_id == domain_id) & (t.aliases.c.local_part == local)
+            )
+        ).scalar()
+        return int(alias_id) if alias_id is not None else None

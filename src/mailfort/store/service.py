@@ -1,0 +1,175 @@
+"""The mail store: delivery into mailboxes, sealed when closed and direct when open.
+
+Design invariants (design.md): mail for a mailbox nobody holds open is sealed to its public
+keys and appended to its spool; the first session that opens the mailbox with a user secret
+drains the spool; while a session holds it open, delivery goes straight in. Every delivery
+returns only after its commit reached the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailfort.keys.secrets import MailboxSecrets, PublicKeys
+from mailfort.store.events import EventHub, NewMail
+from mailfort.store.mailbox import Filed, Mailbox
+from mailfort.store.spool import Delivery, Spool, now_ms
+
+_DRAIN_BATCH = 200
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """What delivery needs to know of a user: where the mailbox is and its public keys."""
+
+    mailbox_id: str
+    public_keys: PublicKeys
+
+
+class _Open:
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox = mailbox
+        self.refs = 0
+
+
+def to_crlf(raw: bytes) -> bytes:
+    """Stored messages use CRLF line ends, as IMAP serves them (RFC 9051 §2.3.1)."""
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class MailStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "mailboxes"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.events = EventHub()
+        self._lock = threading.Lock()
+        self._open: dict[str, _Open] = {}
+        self._spools: dict[str, Spool] = {}
+
+    def mailbox_path(self, mailbox_id: str) -> Path:
+        return self.dir / f"{mailbox_id}.mbx"
+
+    def spool_path(self, mailbox_id: str) -> Path:
+        return self.dir / f"{mailbox_id}.spool"
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._open.values():
+                entry.mailbox.close()
+            for spool in self._spools.values():
+                spool.close()
+            self._open.clear()
+            self._spools.clear()
+
+    # ---- delivery -----------------------------------------------------------------------
+
+    def _spool(self, mailbox_id: str) -> Spool:
+        with self._lock:
+            spool = self._spools.get(mailbox_id)
+            if spool is None:
+                spool = self._spools[mailbox_id] = Spool(self.spool_path(mailbox_id))
+            return spool
+
+    def _open_mailbox(self, mailbox_id: str) -> Mailbox | None:
+        with self._lock:
+            entry = self._open.get(mailbox_id)
+            return entry.mailbox if entry is not None else None
+
+    @staticmethod
+    def new_delivery(raw: bytes, folder: str = "INBOX") -> Delivery:
+        return Delivery(os.urandom(16), now_ms(), folder, to_crlf(raw))
+
+    async def deliver(self, rcpt: Recipient, raw: bytes, folder: str = "INBOX") -> None:
+        """Durable when this returns: filed into the open mailbox or sealed into its spool."""
+        delivery = self.new_delivery(raw, folder)
+        mailbox = self._open_mailbox(rcpt.mailbox_id)
+        if mailbox is not None:
+            filed = await mailbox.deliver(delivery)
+            self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
+            return
+        blob = await asyncio.to_thread(Spool.sealed, rcpt.public_keys, delivery)
+        spool = self._spool(rcpt.mailbox_id)
+        await spool.committer.run(lambda con: Spool.insert(con, blob))
+        self.events.publish(NewMail(rcpt.mailbox_id, None))
+
+    def deliver_sync(self, rcpt: Recipient, raw: bytes, folder: str = "INBOX") -> None:
+        delivery = self.new_delivery(raw, folder)
+        mailbox = self._open_mailbox(rcpt.mailbox_id)
+        if mailbox is not None:
+            filed = mailbox.deliver_sync(delivery)
+            self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
+            return
+        blob = Spool.sealed(rcpt.public_keys, delivery)
+        self._spool(rcpt.mailbox_id).committer.submit(lambda con: Spool.insert(con, blob)).result()
+        self.events.publish(NewMail(rcpt.mailbox_id, None))
+
+    # ---- sessions -----------------------------------------------------------------------
+
+    def open(self, mailbox_id: str, secrets: MailboxSecrets) -> Mailbox:
+        """Open (or share) the mailbox with its keys and drain its spool into it.
+
+        Pair every call with ``release``: the keys stay in memory only while a session
+        holds the mailbox.
+        """
+        with self._lock:
+            entry = self._open.get(mailbox_id)
+            if entry is None:
+                entry = self._open[mailbox_id] = _Open(
+                    Mailbox(self.mailbox_path(mailbox_id), secrets.data_key)
+                )
+            entry.refs += 1
+        try:
+            self.drain(mailbox_id, secrets, entry.mailbox)
+        except BaseException:
+            self.release(mailbox_id)
+            raise
+        return entry.mailbox
+
+    def release(self, mailbox_id: str) -> None:
+        with self._lock:
+            entry = self._open.get(mailbox_id)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs > 0:
+                return
+            del self._open[mailbox_id]
+        entry.mailbox.close()
+
+    def drain(self, mailbox_id: str, secrets: MailboxSecrets, mailbox: Mailbox) -> int:
+        """File every spooled message; returns how many were filed.
+
+        Each batch is committed to the mailbox before it leaves the spool, and filing is
+        idempotent by delivery id, so a crash between the two steps loses and doubles nothing.
+        """
+        if not self.spool_path(mailbox_id).exists():
+            return 0
+        spool = self._spool(mailbox_id)
+        filed = 0
+        while batch := spool.pending(_DRAIN_BATCH):
+            prepared = []
+            for _id, blob in batch:
+                delivery = Spool.open_item(secrets, blob)
+                prepared.append((delivery, *Mailbox.prepare(delivery.raw)))
+
+            def write(con: object, items: list[tuple[Delivery, bytes, object]] = prepared) -> int:
+                done = 0
+                for delivery, digest, meta in items:
+                    result: Filed = Mailbox.file(con, delivery, digest, meta)  # type: ignore[arg-type]
+                    done += not result.duplicate
+                return done
+
+            filed += mailbox.committer.submit(write).result()
+            spool.remove([i for i, _b in batch])
+        if filed:
+            self.events.publish(NewMail(mailbox_id, "INBOX"))
+        return filed
+
+    def subscribe(self, mailbox_id: str, callback: Callable[[NewMail], None]) -> Callable[[], None]:
+        return self.events.subscribe(mailbox_id, callback)

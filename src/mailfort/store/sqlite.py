@@ -1,0 +1,74 @@
+"""Opening SQLite files: encrypted mailboxes (SQLite3 Multiple Ciphers) and plain ones.
+
+The data key is handed to SQLite3MC as a raw 256-bit key (``x'..'``), so the library's
+passphrase KDF is skipped: the key hierarchy in ``mailfort.keys`` is the security boundary,
+and reopening a mailbox costs microseconds instead of a PBKDF2 run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import apsw
+
+CIPHER = "chacha20"
+
+
+class WrongKey(Exception):
+    """The file does not open with this key (or is not a mailbox)."""
+
+
+def _tune(con: apsw.Connection, cache_kib: int) -> None:
+    # One pragma per call: apsw runs multi-statement text lazily (stack-notes).
+    con.pragma("journal_mode", "wal")
+    con.pragma("synchronous", "full")  # fsync at every commit: durability before 250
+    con.pragma("foreign_keys", 1)
+    con.pragma("cache_size", -cache_kib)
+    con.pragma("temp_store", "memory")  # temporary tables never touch disk in the clear
+    con.setbusytimeout(30_000)
+
+
+def open_encrypted(path: Path, key: bytes, *, create: bool, cache_kib: int = 8192) -> apsw.Connection:
+    if len(key) != 32:
+        raise ValueError("mailbox key must be 32 bytes")
+    if not create and not path.exists():
+        raise FileNotFoundError(path)
+    flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+    con = apsw.Connection(str(path), flags=flags)
+    try:
+        con.pragma("cipher", CIPHER)
+        con.pragma("key", f"x'{key.hex()}'")
+        # A wrong key only shows on the first read: probe now, before anything else runs.
+        con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    except (apsw.NotADBError, apsw.CorruptError) as exc:
+        con.close()
+        raise WrongKey(str(path.name)) from exc
+    _tune(con, cache_kib)
+    restrict(path)
+    return con
+
+
+def open_plain(path: Path, *, cache_kib: int = 2048) -> apsw.Connection:
+    con = apsw.Connection(str(path))
+    _tune(con, cache_kib)
+    restrict(path)
+    return con
+
+
+def restrict(path: Path) -> None:
+    """Mail files are for the service's user alone."""
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a new file's directory entry durable (a crash must not lose the file itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

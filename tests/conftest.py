@@ -1,0 +1,60 @@
+"""Shared fixtures. Tests use real parts: files on disk, SQLite3MC, PostgreSQL, subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Argon2id at its production cost (64 MiB, ~150 ms) would dominate the suite; the cost is a
+# setting stored in each slot, so a cheaper one exercises exactly the same code.
+os.environ.setdefault("MAILFORT_ARGON2_MEMORY_KIB", "8192")
+os.environ.setdefault("MAILFORT_ARGON2_TIME_COST", "1")
+
+IN_CI = os.environ.get("CI") == "true"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require_tool(name: str) -> str:
+    """The path of a tool the test needs; skip locally without it, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"required tool {name!r} is not installed (CI must install it)")
+        pytest.skip(f"needs {name}")
+    return path
+
+
+def mailfort_cmd() -> list[str]:
+    return [sys.executable, "-m", "mailfort.cli"]
+
+
+def run_cli(
+    data_dir: Path, *args: str, stdin: bytes | str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run(
+        [*mailfort_cmd(), "--data-dir", str(data_dir), *args],
+        input=data,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    result = subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mailfort {' '.join(args)} failed ({proc.returncode}): {result.stderr}")
+    return result
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "var"
+    d.mkdir()
+    yield d
