@@ -49,7 +49,9 @@ def run_cli(
         proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode()
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mailfort {' '.join(args)} failed ({proc.returncode}): {result.stderr}")
+        raise AssertionError(
+            f"mailfort {' '.join(args)} failed ({proc.returncode}): {result.stderr}"
+        )
     return result
 
 

@@ -63,12 +63,17 @@ def test_user_lifecycle_and_logins(directory: Directory) -> None:
     assert directory.unlock("alice@example.test", new.password).slot_kind is SlotKind.PASSWORD
     by_recovery = directory.unlock("alice@example.test", new.recovery_key)
     assert by_recovery.slot_kind is SlotKind.RECOVERY
-    assert by_recovery.secrets.data_key == directory.unlock("alice@example.test", new.password).secrets.data_key
+    assert (
+        by_recovery.secrets.data_key
+        == directory.unlock("alice@example.test", new.password).secrets.data_key
+    )
     with pytest.raises(AuthFailed):
         directory.unlock("alice@example.test", "not the password")
     with pytest.raises(AuthFailed):  # unknown user: the same refusal
         directory.unlock("nobody@example.test", new.password)
-    assert directory.authenticate("alice@example.test", new.password).mailbox_id == new.user.mailbox_id
+    assert (
+        directory.authenticate("alice@example.test", new.password).mailbox_id == new.user.mailbox_id
+    )
     with pytest.raises(DirectoryError, match="already exists"):
         directory.add_user("alice@example.test")
     with pytest.raises(DirectoryError, match="unknown domain"):
@@ -78,7 +83,13 @@ def test_user_lifecycle_and_logins(directory: Directory) -> None:
 
 def test_refusals_leave_nothing_behind(directory: Directory) -> None:
     directory.add_domain("example.test")
-    for bad in ("bob+x@example.test", "bö@example.test", "a@b@example.test", ".a@example.test", "noat"):
+    for bad in (
+        "bob+x@example.test",
+        "bö@example.test",
+        "a@b@example.test",
+        ".a@example.test",
+        "noat",
+    ):
         with pytest.raises((DirectoryError, AddressError)):
             directory.add_user(bad)
     with pytest.raises(WeakPassword):
@@ -94,7 +105,9 @@ def test_password_change_rewraps_and_old_password_fails(directory: Directory) ->
     directory.add_domain("example.test")
     new = directory.add_user("carol@example.test", "first long passphrase")
     before = directory.unlock("carol@example.test", "first long passphrase").secrets.data_key
-    directory.change_password("carol@example.test", "first long passphrase", "second long passphrase")
+    directory.change_password(
+        "carol@example.test", "first long passphrase", "second long passphrase"
+    )
     with pytest.raises(AuthFailed):
         directory.unlock("carol@example.test", "first long passphrase")
     after = directory.unlock("carol@example.test", "second long passphrase").secrets.data_key
@@ -109,7 +122,10 @@ def test_app_passwords_and_revocation(directory: Directory) -> None:
     directory.add_user("dave@example.test", "a long passphrase for d")
     phone = directory.add_app_password("dave@example.test", "a long passphrase for d", "phone")
     laptop = directory.add_app_password("dave@example.test", "a long passphrase for d", "laptop")
-    assert [a.label for a in directory.list_app_passwords("dave@example.test")] == ["phone", "laptop"]
+    assert [a.label for a in directory.list_app_passwords("dave@example.test")] == [
+        "phone",
+        "laptop",
+    ]
     assert directory.unlock("dave@example.test", phone).slot_kind is SlotKind.APP
     directory.revoke_app_password("dave@example.test", "phone")
     with pytest.raises(AuthFailed):
@@ -128,7 +144,9 @@ def test_routing(directory: Directory) -> None:
     directory.add_domain("other.test")
     directory.add_user("erin@example.test")
     directory.add_user("frank@example.test")
-    directory.add_alias("team@example.test", ["erin@example.test", "Frank@Example.test", "X.Y@remote.org"])
+    directory.add_alias(
+        "team@example.test", ["erin@example.test", "Frank@Example.test", "X.Y@remote.org"]
+    )
     route = directory.route("Erin+lists@EXAMPLE.test")
     assert route.kind is RouteKind.LOCAL and route.tag == "lists"
     assert [str(u.address) for u in route.users] == ["erin@example.test"]
@@ -138,7 +156,9 @@ def test_routing(directory: Directory) -> None:
     assert directory.route("nobody@example.test").kind is RouteKind.UNKNOWN_USER
     assert directory.route("erin@elsewhere.test").kind is RouteKind.NOT_HOSTED
     directory.add_alias("*@other.test", ["frank@example.test"])
-    assert [str(u.address) for u in directory.route("anything@other.test").users] == ["frank@example.test"]
+    assert [str(u.address) for u in directory.route("anything@other.test").users] == [
+        "frank@example.test"
+    ]
     with pytest.raises(DirectoryError, match="not a user"):
         directory.add_alias("x@example.test", ["ghost@example.test"])
     with pytest.raises(DirectoryError, match="already a user"):

@@ -162,7 +162,9 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     except (delivery.UnknownRecipient, delivery.NotHosted) as exc:
         raise CliError(f"unknown recipient: {exc}", EX_NOUSER) from exc
     except delivery.ForwardingUnavailable as exc:
-        raise CliError(f"{exc} forwards outside: the MX relays it, not the LDA", EX_UNAVAILABLE)
+        raise CliError(
+            f"{exc} forwards outside: the MX relays it, not the LDA", EX_UNAVAILABLE
+        ) from exc
     store = MailStore(_data_dir(args))
     try:
         delivery.deliver_local(store, targets, delivery.with_return_path(raw, args.mail_from))
@@ -226,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data directory (env MAILFORT_DATA_DIR; default ./var)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.set_defaults(func=fn)
         # Accepted after the command too, so `mailfort dev --data-dir X` works.
@@ -238,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", cmd_serve, "run the service from a TOML configuration")
     serve.add_argument("--config", required=True, metavar="FILE")
 
-    dom = command("domain", cmd_domain, "hosted domains").add_subparsers(dest="action", required=True)
+    dom = command("domain", cmd_domain, "hosted domains").add_subparsers(
+        dest="action", required=True
+    )
     dom.add_parser("add").add_argument("name")
     dom.add_parser("list")
     dom.add_parser("remove").add_argument("name")

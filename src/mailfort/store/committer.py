@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -99,10 +100,8 @@ class GroupCommitter:
             self.con.execute("COMMIT")  # synchronous=FULL: durable when this returns
         except BaseException as exc:
             if not self.con.getautocommit():
-                try:
+                with contextlib.suppress(apsw.Error):
                     self.con.execute("ROLLBACK")
-                except apsw.Error:
-                    pass
             for _write, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)

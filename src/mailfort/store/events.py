@@ -6,6 +6,7 @@ several workers or nodes relay through Redis with the same interface.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +43,5 @@ class EventHub:
         for callback in subs:
             # Callbacks come from delivery threads; a subscriber hands the event to its own
             # loop (call_soon_threadsafe) and must not raise into the delivery path.
-            try:
+            with contextlib.suppress(Exception):  # a broken subscriber must not fail delivery
                 callback(event)
-            except Exception:  # noqa: S110 - a broken subscriber must not fail a delivery
-                pass

@@ -12,6 +12,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import apsw
@@ -112,13 +113,17 @@ class Mailbox:
     def __init__(self, path: Path, key: bytes) -> None:
         self.path = path
         new = not path.exists()
-        write_con = open_encrypted(path, key, create=True)
+        write_con = self._connect(path, key, create=True)
         if new:
             fsync_dir(path.parent)
         if write_con.pragma("user_version") == 0:
             self._create(write_con)
-        self.reader = open_encrypted(path, key, create=False)
+        self.reader = self._connect(path, key, create=False)
         self.committer = GroupCommitter(write_con, f"mbx-{path.stem[:8]}")
+
+    @staticmethod
+    def _connect(path: Path, key: bytes, *, create: bool) -> apsw.Connection:
+        return open_encrypted(path, key, create=create)
 
     def close(self) -> None:
         self.committer.close()
@@ -156,7 +161,7 @@ class Mailbox:
         seen = con.execute("SELECT 1 FROM deliveries WHERE id = ?", (delivery.delivery_id,))
         if seen.fetchall():
             return Filed(delivery.folder, 0, duplicate=True)
-        row = con.execute(
+        row: list[Any] = con.execute(
             "SELECT id, uidnext, highestmodseq FROM folders WHERE name = ?", (delivery.folder,)
         ).fetchall()
         if not row:
@@ -181,7 +186,9 @@ class Mailbox:
 
     @staticmethod
     def _store_content(con: apsw.Connection, digest: bytes, raw: bytes, meta: MessageMeta) -> int:
-        found = con.execute("SELECT id FROM contents WHERE sha256 = ?", (digest,)).fetchall()
+        found: list[Any] = con.execute(
+            "SELECT id FROM contents WHERE sha256 = ?", (digest,)
+        ).fetchall()
         if found:
             con.execute("UPDATE contents SET refs = refs + 1 WHERE id = ?", (found[0][0],))
             return int(found[0][0])
@@ -233,7 +240,7 @@ class Mailbox:
             modseq = f.highestmodseq + 1
             gone: list[int] = []
             for uid in wanted:
-                row = con.execute(
+                row: list[Any] = con.execute(
                     "DELETE FROM messages WHERE folder_id = ? AND uid = ? RETURNING content_id",
                     (f.id, uid),
                 ).fetchall()
@@ -254,7 +261,9 @@ class Mailbox:
     @staticmethod
     def _release_content(con: apsw.Connection, content_id: int) -> None:
         con.execute("UPDATE contents SET refs = refs - 1 WHERE id = ?", (content_id,))
-        left = con.execute("SELECT refs FROM contents WHERE id = ?", (content_id,)).fetchall()
+        left: list[Any] = con.execute(
+            "SELECT refs FROM contents WHERE id = ?", (content_id,)
+        ).fetchall()
         if left and left[0][0] <= 0:
             con.execute("DELETE FROM content_text WHERE rowid = ?", (content_id,))
             con.execute("DELETE FROM bodies WHERE id = ?", (content_id,))
@@ -264,7 +273,7 @@ class Mailbox:
 
     @staticmethod
     def _folder(con: apsw.Connection, name: str) -> Folder:
-        row = con.execute(
+        row: list[Any] = con.execute(
             "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq"
             " FROM folders WHERE name = ?",
             (name,),
@@ -305,7 +314,7 @@ class Mailbox:
         ]
 
     def raw(self, folder: str, uid: int) -> bytes:
-        row = self.reader.execute(
+        row: list[Any] = self.reader.execute(
             "SELECT b.raw FROM messages m JOIN folders f ON f.id = m.folder_id"
             " JOIN bodies b ON b.id = m.content_id WHERE f.name = ? AND m.uid = ?",
             (folder, uid),
@@ -328,7 +337,8 @@ class Mailbox:
         return [int(r[0]) for r in rows]
 
     def count(self) -> int:
-        return int(self.reader.execute("SELECT count(*) FROM messages").fetchall()[0][0])
+        rows: list[Any] = self.reader.execute("SELECT count(*) FROM messages").fetchall()
+        return int(rows[0][0])
 
     def integrity_check(self) -> str:
         return str(self.reader.execute("PRAGMA integrity_check").fetchall()[0][0])

@@ -93,9 +93,9 @@ class MailStore:
             filed = await mailbox.deliver(delivery)
             self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
             return
-        blob = await asyncio.to_thread(Spool.sealed, rcpt.public_keys, delivery)
         spool = self._spool(rcpt.mailbox_id)
-        await spool.committer.run(lambda con: Spool.insert(con, blob))
+        epoch, blob = await asyncio.to_thread(spool.seal, rcpt.public_keys, delivery)
+        await spool.committer.run(lambda con: Spool.insert(con, epoch, blob))
         self.events.publish(NewMail(rcpt.mailbox_id, None))
 
     def deliver_sync(self, rcpt: Recipient, raw: bytes, folder: str = "INBOX") -> None:
@@ -105,8 +105,9 @@ class MailStore:
             filed = mailbox.deliver_sync(delivery)
             self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
             return
-        blob = Spool.sealed(rcpt.public_keys, delivery)
-        self._spool(rcpt.mailbox_id).committer.submit(lambda con: Spool.insert(con, blob)).result()
+        spool = self._spool(rcpt.mailbox_id)
+        epoch, blob = spool.seal(rcpt.public_keys, delivery)
+        spool.committer.submit(lambda con: Spool.insert(con, epoch, blob)).result()
         self.events.publish(NewMail(rcpt.mailbox_id, None))
 
     # ---- sessions -----------------------------------------------------------------------
@@ -152,10 +153,11 @@ class MailStore:
             return 0
         spool = self._spool(mailbox_id)
         filed = 0
+        open_item = Spool.opener(secrets)
         while batch := spool.pending(_DRAIN_BATCH):
             prepared = []
-            for _id, blob in batch:
-                delivery = Spool.open_item(secrets, blob)
+            for _id, epoch_id, header, blob in batch:
+                delivery = open_item(epoch_id, header, blob)
                 prepared.append((delivery, *Mailbox.prepare(delivery.raw)))
 
             def write(con: object, items: list[tuple[Delivery, bytes, object]] = prepared) -> int:
@@ -166,7 +168,7 @@ class MailStore:
                 return done
 
             filed += mailbox.committer.submit(write).result()
-            spool.remove([i for i, _b in batch])
+            spool.remove([item[0] for item in batch])
         if filed:
             self.events.publish(NewMail(mailbox_id, "INBOX"))
         return filed

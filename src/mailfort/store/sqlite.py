@@ -7,6 +7,7 @@ and reopening a mailbox costs microseconds instead of a PBKDF2 run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def _tune(con: apsw.Connection, cache_kib: int) -> None:
     con.setbusytimeout(30_000)
 
 
-def open_encrypted(path: Path, key: bytes, *, create: bool, cache_kib: int = 8192) -> apsw.Connection:
+def open_encrypted(
+    path: Path, key: bytes, *, create: bool, cache_kib: int = 8192
+) -> apsw.Connection:
     if len(key) != 32:
         raise ValueError("mailbox key must be 32 bytes")
     if not create and not path.exists():
@@ -59,10 +62,8 @@ def open_plain(path: Path, *, cache_kib: int = 2048) -> apsw.Connection:
 def restrict(path: Path) -> None:
     """Mail files are for the service's user alone."""
     for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.chmod(p, 0o600)
-        except FileNotFoundError:
-            pass
 
 
 def fsync_dir(path: Path) -> None:
