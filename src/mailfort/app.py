@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -139,6 +138,6 @@ def _ensure_demo(directory: Directory, data_dir: Path) -> str:
         directory.add_domain(DEMO_DOMAIN)
     if directory.get_user(DEMO_USER) is not None:
         directory.remove_user(DEMO_USER)
-    password = "demo-" + secrets.token_urlsafe(12)
-    directory.add_user(DEMO_USER, password)
-    return password
+    new = directory.add_user(DEMO_USER)
+    assert new.password is not None
+    return new.password
