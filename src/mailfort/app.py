@@ -66,11 +66,11 @@ async def _serve(services: Services, ready: Callable[[dict[str, int]], None]) ->
         if port is None:
             continue
         bound[name] = await factory(services, services.settings.listen_host, port)
-    ready(bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    ready(bound)  # only now: a signal from here on stops cleanly
     await stop.wait()
     for server in services.servers:
         server.close()

@@ -196,7 +196,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
         for folder in mailbox.folders():
             for msg in mailbox.messages(folder.name):
                 flags = " ".join(sorted(msg.flags)) or "-"
-                print(f"{folder.name}\t{msg.uid}\t{flags}\t{msg.meta.subject}")
+                print(f"{folder.name}\t{msg.uid}\t{flags}\t{msg.meta.subject or ''}")
     finally:
         store.release(unlocked.user.mailbox_id)
         store.close()

@@ -198,7 +198,7 @@ class Mailbox:
         )
         content_id = con.last_insert_rowid()
         con.execute("INSERT INTO bodies(id, raw) VALUES (?, ?)", (content_id, raw))
-        searchable = f"{meta.subject}\n{meta.text}"
+        searchable = f"{meta.subject or ''}\n{meta.text}"
         con.execute("INSERT INTO content_text(rowid, text) VALUES (?, ?)", (content_id, searchable))
         return content_id
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailfort.keys.secrets import MailboxSecrets, PublicKeys
+from mailfort.mail import to_crlf
 from mailfort.store.events import EventHub, NewMail
 from mailfort.store.mailbox import Filed, Mailbox
 from mailfort.store.spool import Delivery, Spool, now_ms
@@ -35,11 +36,6 @@ class _Open:
     def __init__(self, mailbox: Mailbox) -> None:
         self.mailbox = mailbox
         self.refs = 0
-
-
-def to_crlf(raw: bytes) -> bytes:
-    """Stored messages use CRLF line ends, as IMAP serves them (RFC 9051 §2.3.1)."""
-    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 class MailStore:
