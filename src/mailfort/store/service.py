@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import apsw
+
 from mailfort.keys.secrets import MailboxSecrets, PublicKeys
-from mailfort.mail import to_crlf
+from mailfort.mail import MessageMeta, to_crlf
 from mailfort.store.events import EventHub, NewMail
-from mailfort.store.mailbox import Filed, Mailbox
+from mailfort.store.mailbox import Mailbox
 from mailfort.store.spool import Delivery, Spool, now_ms
 
 _DRAIN_BATCH = 200
@@ -151,17 +153,16 @@ class MailStore:
         filed = 0
         open_item = Spool.opener(secrets)
         while batch := spool.pending(_DRAIN_BATCH):
-            prepared = []
+            prepared: list[tuple[Delivery, bytes, MessageMeta]] = []
             for _id, epoch_id, header, blob in batch:
                 delivery = open_item(epoch_id, header, blob)
                 prepared.append((delivery, *Mailbox.prepare(delivery.raw)))
 
-            def write(con: object, items: list[tuple[Delivery, bytes, object]] = prepared) -> int:
-                done = 0
-                for delivery, digest, meta in items:
-                    result: Filed = Mailbox.file(con, delivery, digest, meta)  # type: ignore[arg-type]
-                    done += not result.duplicate
-                return done
+            def write(
+                con: apsw.Connection, items: list[tuple[Delivery, bytes, MessageMeta]] = prepared
+            ) -> int:
+                filed = [Mailbox.file(con, d, digest, meta) for d, digest, meta in items]
+                return sum(not f.duplicate for f in filed)
 
             filed += mailbox.committer.submit(write).result()
             spool.remove([item[0] for item in batch])
