@@ -16,6 +16,8 @@ import pytest
 os.environ.setdefault("MAILFORT_ARGON2_MEMORY_KIB", "8192")
 os.environ.setdefault("MAILFORT_ARGON2_TIME_COST", "1")
 
+pytest_plugins = ["conftest_dns"]
+
 IN_CI = os.environ.get("CI") == "true"
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,11 @@ from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
-import dns.rdatatype
+import dns.name
 import dns.rdata
+import dns.rdatatype
+import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 R = TypeVar("R", bound=dns.resolver.BaseResolver)
@@ -74,11 +77,19 @@ class Resolver:
     async def txt(self, name: str) -> list[str]:
         """TXT strings at ``name`` (each record's chunks joined); [] when none exist."""
         answer = await self._query(name, "TXT")
-        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")
+            for r in answer
+            if isinstance(r, dns.rdtypes.ANY.TXT.TXT)
+        ]
 
     async def mx(self, name: str) -> list[tuple[int, str]]:
         answer = await self._query(name, "MX")
-        return sorted((r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer)
+        return sorted(
+            (r.preference, r.exchange.to_text(omit_final_dot=True))
+            for r in answer
+            if isinstance(r, dns.rdtypes.ANY.MX.MX)
+        )
 
     async def addresses(self, name: str) -> list[str]:
         out: list[str] = []
@@ -86,11 +97,52 @@ class Resolver:
             out.extend(r.to_text() for r in await self._query(name, rtype))
         return out
 
-    async def _query(self, name: str, rtype: str) -> list[dns.rdata.Rdata]:
+    async def query(self, name: str, rtype: str) -> list[dns.rdata.Rdata]:
+        """Records of type ``rtype`` at ``name``; [] for NXDOMAIN, NODATA or a name that
+        cannot exist. Raises `TemporaryDNSError` on timeout or SERVFAIL."""
+        return await self._query(name, rtype)
+
+    def query_sync(
+        self, name: str, rtype: str, lifetime: float | None = None
+    ) -> list[dns.rdata.Rdata]:
+        """Blocking `query`, for libraries that resolve synchronously in a worker thread
+        (pyspf). ``lifetime`` can only shorten the configured timeout.
+
+        One dnspython resolver object serves every thread: ``resolve`` keeps no
+        per-call state on it (there is no cache configured), so this is thread-safe.
+        """
+        budget = self.timeout if lifetime is None else min(lifetime, self.timeout)
         try:
-            answer = await self._async.resolve(name, rtype, raise_on_no_answer=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            answer = self._sync.resolve(
+                name, rtype, raise_on_no_answer=False, lifetime=budget, search=False
+            )
+        except _ABSENT:
             return []
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        except _TEMPORARY as exc:
             raise TemporaryDNSError(f"{rtype} lookup failed") from exc
         return list(answer) if answer.rrset is not None else []
+
+    async def _query(self, name: str, rtype: str) -> list[dns.rdata.Rdata]:
+        try:
+            answer = await self._async.resolve(name, rtype, raise_on_no_answer=False, search=False)
+        except _ABSENT:
+            return []
+        except _TEMPORARY as exc:
+            raise TemporaryDNSError(f"{rtype} lookup failed") from exc
+        return list(answer) if answer.rrset is not None else []
+
+
+# Answers that say "nothing there", permanently: NXDOMAIN, NODATA, and names that cannot
+# exist at all (a label over 63 octets, an empty label, over 255 octets, bad IDNA). Mail
+# hands us such names from untrusted input (MAIL FROM, From:, DKIM d=/s=, SPF macros);
+# they must read as "no record", not crash the check or count as a DNS outage.
+_ABSENT: tuple[type[Exception], ...] = (
+    dns.resolver.NXDOMAIN,
+    dns.resolver.NoAnswer,
+    dns.resolver.YXDOMAIN,
+    dns.exception.SyntaxError,
+    dns.name.NameTooLong,
+    dns.name.IDNAException,
+)
+# Answers that may change on retry: timeouts, SERVFAIL/REFUSED from every server.
+_TEMPORARY: tuple[type[Exception], ...] = (dns.exception.Timeout, dns.resolver.NoNameservers)
