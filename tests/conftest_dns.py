@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from dnsserver import DNSServer, Zone
 from mailfort.dns import Nameserver, Resolver
+
+from dnsserver import DNSServer, Zone
 
 
 class DNSFixture:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from mailfort.directory.service import AuthFailed, Directory
 from mailfort.store.service import MailStore
 from mailfort.store.sqlite import WrongKey, open_encrypted
+
+from conftest import run_cli
 from tests_support import add_user
 
 MARKER = "Zq7xMarkerVv3p"

@@ -11,8 +11,9 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from dnsserver import zone_from_text
 from mailfort.auth.dkim import parse_key_record, verify_dkim
+
+from dnsserver import zone_from_text
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 RFC8463 = CORPORA / "dkim-rfc8463"

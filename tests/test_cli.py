@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from mailfort.directory.service import Directory
+
+from conftest import run_cli
 from tests_support import MESSAGE, add_user
 
 

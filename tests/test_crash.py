@@ -10,10 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import REPO, run_cli
 from mailfort.directory.service import Directory
 from mailfort.store.service import MailStore
 from mailfort.store.sqlite import open_plain
+
+from conftest import REPO, run_cli
 from tests_support import add_user
 
 PASSWORD = "a long test passphrase"

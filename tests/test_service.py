@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mailfort_cmd, run_cli
 
 from mailfort import config
+
+from conftest import mailfort_cmd, run_cli
 
 
 def test_dev_prints_demo_account_writes_dev_json_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -41,7 +42,12 @@ def test_dev_prints_demo_account_writes_dev_json_and_stops_on_sigterm(tmp_path: 
         )
         assert delivered.returncode == 0
         listing = run_cli(
-            data_dir, "mailbox", "ls", "demo@example.test", "--password-stdin", stdin=info["password"] + "\n"
+            data_dir,
+            "mailbox",
+            "ls",
+            "demo@example.test",
+            "--password-stdin",
+            stdin=info["password"] + "\n",
         )
         assert "hi demo" in listing.stdout
         proc.send_signal(signal.SIGTERM)
@@ -89,15 +95,24 @@ def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path, toml: str, mess
     with pytest.raises(config.ConfigError, match=None) as err:
         config.load(path, env={})
     assert message.lower() in str(err.value).lower()
-    result = subprocess.run([*mailfort_cmd(), "serve", "--config", str(path)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [*mailfort_cmd(), "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and message.lower() in result.stderr.lower()
 
 
 def test_env_overrides_config(tmp_path: Path) -> None:
     path = tmp_path / "mailfort.toml"
-    path.write_text('data_dir = "/srv/mail"\n[dns]\nnameservers = ["192.0.2.1"]\n[listen]\nsmtp = 2525\n')
-    settings = config.load(path, env={"MAILFORT_DNS": "127.0.0.1:5353", "MAILFORT_DATA_DIR": str(tmp_path)})
+    path.write_text(
+        'data_dir = "/srv/mail"\n[dns]\nnameservers = ["192.0.2.1"]\n[listen]\nsmtp = 2525\n'
+    )
+    settings = config.load(
+        path, env={"MAILFORT_DNS": "127.0.0.1:5353", "MAILFORT_DATA_DIR": str(tmp_path)}
+    )
     assert settings.data_dir == tmp_path
     assert [(n.host, n.port) for n in settings.nameservers] == [("127.0.0.1", 5353)]
     assert settings.ports == {"smtp": 2525}
