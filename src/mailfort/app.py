@@ -18,6 +18,7 @@ from pathlib import Path
 from mailfort import config, tls
 from mailfort.directory.service import Directory
 from mailfort.dns import Nameserver, Resolver
+from mailfort.smtp import listeners as smtp_listeners
 from mailfort.store.service import MailStore
 
 DEMO_DOMAIN = "example.test"
@@ -38,6 +39,7 @@ class Services:
 # A listener factory starts its servers for the named port and returns the bound port.
 ListenerFactory = Callable[[Services, str, int], Awaitable[int]]
 LISTENER_FACTORIES: dict[str, ListenerFactory] = {}
+LISTENER_FACTORIES.update(smtp_listeners.listeners())
 
 
 def build(settings: config.Settings) -> Services:

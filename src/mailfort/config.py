@@ -43,6 +43,8 @@ class Settings:
     ports: dict[str, int] = field(default_factory=dict)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Domains whose ARC seal may override a DMARC reject (mailing lists, forwarders we trust).
+    trusted_forwarders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.directory_url:
@@ -59,6 +61,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "dns": {"nameservers": list},
     "listen": {"host": str, **{name: int for name in LISTENERS}},
     "tls": {"cert": str, "key": str},
+    "smtp": {"trusted_forwarders": list},
 }
 
 # Environment overrides: the variable, and the TOML key it replaces.
@@ -133,6 +136,7 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         ports=ports,
         tls_cert=Path(flat["tls.cert"]) if "tls.cert" in flat else None,
         tls_key=Path(flat["tls.key"]) if "tls.key" in flat else None,
+        trusted_forwarders=[str(d).lower() for d in flat.get("smtp.trusted_forwarders", [])],
     )
     if "hostname" in flat:
         settings.hostname = flat["hostname"]

@@ -1,0 +1,42 @@
+"""Checks on received message bytes, free of I/O.
+
+SMTP smuggling (2023) abuses servers that disagree on where DATA ends: a bare LF or CR
+before the final dot. aiosmtpd ends DATA only at CRLF.CRLF, so nothing is split here, but
+a message carrying bare line ends could be split by the next hop when forwarded. Like
+Postfix 3.9 (`smtpd_forbid_bare_newline`), we refuse such content outright.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+MAX_RECEIVED = 25  # RFC 5321 §6.3: a loop shows as a long trace
+
+
+# RFC 5321 §4.1.2 Mailbox, with RFC 6531 UTF-8 allowed in both parts (SMTPUTF8).
+_DOT_ATOM = r"[^\x00-\x20\x7f()<>\[\]:;@\\,.\"]+(?:\.[^\x00-\x20\x7f()<>\[\]:;@\\,.\"]+)*"
+_QUOTED = r'"(?:[^"\\\r\n]|\\[\x20-\x7e])*"'
+_DOMAIN = r"(?:[^\x00-\x20\x7f()<>\[\]:;@\\,.\"]+(?:\.[^\x00-\x20\x7f()<>\[\]:;@\\,.\"]+)*|\[[^\[\]\\\s]+\])"
+_MAILBOX = re.compile(rf"^(?:{_DOT_ATOM}|{_QUOTED})@{_DOMAIN}$")
+
+
+def valid_mailbox(address: str) -> bool:
+    """Syntax check of an envelope address (aiosmtpd hands over what sat between <>)."""
+    return len(address) <= 320 and _MAILBOX.match(address) is not None
+
+
+def has_bare_line_end(raw: bytes) -> bool:
+    return _BARE_LF.search(raw) is not None or _BARE_CR.search(raw) is not None
+
+
+def header_block(raw: bytes) -> bytes:
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[: end + 2]
+
+
+def received_count(raw: bytes) -> int:
+    return len(_RECEIVED.findall(header_block(raw)))

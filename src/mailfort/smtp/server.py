@@ -1,0 +1,124 @@
+"""The SMTP listener: aiosmtpd with our banner, limits, TLS and enhanced status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import Counter
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP
+
+from mailfort.smtp.codes import with_enhanced_code
+
+DATA_SIZE_LIMIT = 50 * 1024 * 1024
+# RFC 5321 §4.5.3.1.6 says 1000, but real mail carries longer lines and Postfix takes
+# them; the bound still caps what one line can make the server buffer.
+LINE_LIMIT = 64 * 1024
+MAX_PER_IP = 20
+
+# aiosmtpd logs peers' addresses and the envelope at INFO and above: our logs carry neither.
+logging.getLogger("mail.log").disabled = True
+
+
+class MailfortSMTP(SMTP):
+    """aiosmtpd with our policies; one instance per connection."""
+
+    line_length_limit = LINE_LIMIT
+
+    def __init__(
+        self, handler: Any, *, connections: Counter[str], max_per_ip: int, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._connections = connections
+        self._max_per_ip = max_per_ip
+        self._peer_ip: str | None = None
+        self._raw_replies = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else "local"
+        if self._peer_ip is None:  # STARTTLS calls this again on the same connection
+            self._connections[ip] += 1
+            self._peer_ip = ip
+            if self._connections[ip] > self._max_per_ip:
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections from your address\r\n")
+                transport.close()
+                return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._peer_ip is not None:
+            self._connections[self._peer_ip] -= 1
+            if self._connections[self._peer_ip] <= 0:
+                del self._connections[self._peer_ip]
+            self._peer_ip = None
+        super().connection_lost(exc)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and not self._raw_replies:
+            await super().push(with_enhanced_code(status))
+        else:
+            await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # EHLO keywords must stay bare (RFC 2034 §3): no enhanced codes in this reply.
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+
+class EhloExtensions:
+    """Mixin for handlers: advertise what the server does beyond aiosmtpd's list."""
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd reads pipelined commands in order already; it just does not say so.
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return [responses[0], *extra, *responses[1:]]
+
+
+def smtp_factory(
+    handler: Any,
+    hostname: str,
+    tls_context: ssl.SSLContext | None,
+    *,
+    implicit_tls: bool = False,
+    require_starttls: bool = False,
+    timeout: float = 300,
+    max_per_ip: int = MAX_PER_IP,
+    **kwargs: Any,
+) -> Any:
+    """A protocol factory for ``loop.create_server``."""
+    connections: Counter[str] = Counter()
+
+    def make() -> MailfortSMTP:
+        return MailfortSMTP(
+            handler,
+            connections=connections,
+            max_per_ip=max_per_ip,
+            hostname=hostname,
+            ident="ESMTP",
+            data_size_limit=DATA_SIZE_LIMIT,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if implicit_tls else tls_context,
+            require_starttls=require_starttls,
+            timeout=timeout,
+            **kwargs,
+        )
+
+    return make
