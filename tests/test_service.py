@@ -117,3 +117,64 @@ def test_env_overrides_config(tmp_path: Path) -> None:
     assert [(n.host, n.port) for n in settings.nameservers] == [("127.0.0.1", 5353)]
     assert settings.ports == {"smtp": 2525}
     assert settings.directory_url == f"sqlite:///{tmp_path / 'directory.sqlite3'}"
+
+
+def test_dev_workers_share_the_smtp_port_and_stop_together(tmp_path: Path) -> None:
+    import smtplib
+
+    from dnsserver import DNSServer
+
+    dns = DNSServer()
+    dns.set_zone({"sender.test": [("TXT", "v=spf1 ip4:127.0.0.1 -all")]})
+    data_dir = tmp_path / "devdata"
+    proc = subprocess.Popen(
+        [
+            *mailfort_cmd(),
+            "--data-dir",
+            str(data_dir),
+            "dev",
+            "--workers",
+            "2",
+            "--dns",
+            f"127.0.0.1:{dns.port}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Ctrl-C stops" in line:
+                break
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2  # two workers under one supervisor
+        info = json.loads((data_dir / "dev.json").read_text())
+        for n in range(12):  # new connections spread over both workers' sockets
+            with smtplib.SMTP(
+                "127.0.0.1", info["ports"]["smtp"], local_hostname="sender.test"
+            ) as c:
+                c.sendmail(
+                    "a@sender.test", ["demo@example.test"], f"Subject: w{n}\r\n\r\nx\r\n".encode()
+                )
+        listing = run_cli(
+            data_dir,
+            "mailbox",
+            "ls",
+            "demo@example.test",
+            "--password-stdin",
+            stdin=info["password"] + "\n",
+        )
+        assert sorted(line.split("\t")[3] for line in listing.stdout.splitlines()) == sorted(
+            f"w{n}" for n in range(12)
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        for child in children:
+            assert (
+                not Path(f"/proc/{child}").exists()
+                or "zombie" in Path(f"/proc/{child}/status").read_text()
+            )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        dns.close()

@@ -7,6 +7,7 @@ ports, a self-signed certificate, and a demo account it prints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -89,17 +90,80 @@ def _run_loop(coro: Awaitable[None]) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def run(settings: config.Settings) -> int:
+def _run_one(settings: config.Settings, ready: Callable[[dict[str, int]], None]) -> None:
     services = build(settings)
     try:
-        _run_loop(_serve(services, lambda ports: print(json.dumps({"ports": ports}), flush=True)))
+        _run_loop(_serve(services, ready))
     finally:
         services.store.close()
         services.directory.close()
-    return 0
 
 
-def run_dev(data_dir: Path, dns: str | None) -> int:
+def _run_workers(
+    settings: config.Settings, workers: int, ready: Callable[[dict[str, int]], None]
+) -> int:
+    """One process per core on the same ports (SO_REUSEPORT): Python runs one core per
+    process, and the kernel spreads connections across the workers' listening sockets.
+
+    The parent only forks, forwards SIGTERM/SIGINT and reaps; each worker builds its own
+    directory engine and store after the fork (neither SQLite handles nor threads survive
+    a fork safely).
+    """
+    if workers <= 1:
+        _run_one(settings, ready)
+        return 0
+    prepared = build(settings)  # migrations and certificate once, before the fork
+    prepared.store.close()
+    prepared.directory.close()
+    read_end, write_end = os.pipe()
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os.close(read_end)
+            code = 0
+
+            def report(ports: dict[str, int]) -> None:
+                os.write(write_end, json.dumps(ports).encode() + b"\n")
+
+            try:
+                _run_one(settings, report)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    os.close(write_end)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    with os.fdopen(read_end, "rb") as pipe:
+        lines = [pipe.readline() for _ in range(workers)]
+    if all(lines):
+        ready(json.loads(lines[0]))
+    else:
+        forward(signal.SIGTERM, None)
+    failed = 0
+    for child in children:
+        _pid, status = os.waitpid(child, 0)
+        failed += os.waitstatus_to_exitcode(status) != 0
+    return 1 if failed or not all(lines) else 0
+
+
+def run(settings: config.Settings, workers: int) -> int:
+    return _run_workers(
+        settings, workers, lambda ports: print(json.dumps({"ports": ports}), flush=True)
+    )
+
+
+def run_dev(data_dir: Path, dns: str | None, workers: int = 1) -> int:
     settings = config.Settings(data_dir=data_dir, hostname="localhost")
     if dns:
         try:
@@ -107,8 +171,10 @@ def run_dev(data_dir: Path, dns: str | None) -> int:
         except ValueError as exc:
             raise SystemExit(f"mailfort: --dns: {exc}") from exc
     settings.ports = {name: free_port(settings.listen_host) for name in LISTENER_FACTORIES}
-    services = build(settings)
-    password = _ensure_demo(services.directory, data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory = Directory.open(settings.directory_url)
+    password = _ensure_demo(directory, data_dir)
+    directory.close()
 
     def ready(ports: dict[str, int]) -> None:
         info = {"ports": ports, "user": DEMO_USER, "password": password}
@@ -123,12 +189,7 @@ def run_dev(data_dir: Path, dns: str | None) -> int:
         print(f"  password     {password}")
         print(f"  (also in {path}; Ctrl-C stops)", flush=True)
 
-    try:
-        _run_loop(_serve(services, ready))
-    finally:
-        services.store.close()
-        services.directory.close()
-    return 0
+    return _run_workers(settings, workers, ready)
 
 
 def _ensure_demo(directory: Directory, data_dir: Path) -> str:

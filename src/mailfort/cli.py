@@ -209,7 +209,7 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from mailfort import app
 
-    return app.run_dev(_data_dir(args), args.dns)
+    return app.run_dev(_data_dir(args), args.dns, args.workers)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = config.load(Path(args.config))
     except config.ConfigError as exc:
         raise CliError(f"configuration: {exc}") from exc
-    return app.run(settings)
+    return app.run(settings, args.workers or os.cpu_count() or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = command("dev", cmd_dev, "run every listener on loopback with a demo domain and user")
     dev.add_argument("--dns", metavar="HOST:PORT", help="send every DNS query to this server")
+    dev.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve = command("serve", cmd_serve, "run the service from a TOML configuration")
     serve.add_argument("--config", required=True, metavar="FILE")
+    serve.add_argument("--workers", type=int, help="worker processes (default: one per core)")
 
     dom = command("domain", cmd_domain, "hosted domains").add_subparsers(
         dest="action", required=True
