@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import smtplib
 import socket
@@ -59,6 +60,9 @@ class MX:
 
 def _zone(dkim_public: str) -> dict[str, list[tuple[str, object] | str]]:
     return {
+        # Forwarders that ARC-seal: one the operator trusts, one it does not.
+        "arc._domainkey.forwarder.test": [("TXT", f"v=DKIM1; k=rsa; p={dkim_public}")],
+        "arc._domainkey.untrusted.test": [("TXT", f"v=DKIM1; k=rsa; p={dkim_public}")],
         # A sender domain that does everything right.
         "sender.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all"), ("MX", (10, "mx.sender.test"))],
         "_dmarc.sender.test": [("TXT", "v=DMARC1; p=reject")],
@@ -99,6 +103,7 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "MAILFORT_TRUSTED_FORWARDERS": "forwarder.test"},
     )
     try:
         assert proc.stdout is not None
@@ -380,3 +385,65 @@ def test_tls_offers_only_tls12_and_13_with_modern_suites(mx: MX, tmp_path: Path)
                  "cipherlist_3DES_IDEA", "cipherlist_OBSOLETED"):  # fmt: skip
         if weak in findings:
             assert "not offered" in findings[weak], (weak, findings[weak])
+
+
+def arc_sealed(mx: MX, forwarder: str, subject: str) -> bytes:
+    """A p=reject sender's message that a mailing list changed (its DKIM breaks), then sealed."""
+    import dkim
+
+    original = message(subject, "ceo@sender.test")
+    changed = original.replace(b"Hello from", b"[list footer] Hello from")
+    results = (
+        f"Authentication-Results: {forwarder}; dkim=pass header.d=sender.test;"
+        " spf=pass smtp.mailfrom=sender.test; dmarc=pass header.from=sender.test\r\n"
+    ).encode()
+    key = mx.dkim_key.read_bytes()
+    seal = dkim.arc_sign(results + changed, b"arc", forwarder.encode(), key, forwarder.encode())
+    return b"".join(seal) + results + changed
+
+
+def test_dmarc_reject_is_overridden_only_by_a_trusted_forwarders_arc_seal(mx: MX) -> None:
+    with smtp(mx, helo="lists.forwarder.test") as client:
+        # The envelope is the list's own; From stays the p=reject sender's: DMARC fails.
+        client.sendmail(
+            "bounces@forwarder.test",
+            ["alice@example.test"],
+            arc_sealed(mx, "forwarder.test", "via-trusted-list"),
+        )
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail(
+                "bounces@untrusted.test",
+                ["alice@example.test"],
+                arc_sealed(mx, "untrusted.test", "via-untrusted-list"),
+            )
+        assert err.value.smtp_code == 550
+    inbox = mx.stored()["INBOX"]
+    [stored] = find(inbox, "via-trusted-list")
+    unfolded = stored.split(b"\r\n\r\n", 1)[0].decode().replace("\r\n\t", " ").replace("\r\n ", " ")
+    assert "arc=pass" in unfolded and "dmarc=fail" in unfolded
+    assert not find(inbox, "via-untrusted-list")
+
+
+def test_connections_per_ip_are_capped(mx: MX) -> None:
+    held = [socket.create_connection(("127.0.0.1", mx.port), timeout=10) for _ in range(20)]
+    try:
+        for sock in held:
+            assert sock.recv(1024).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", mx.port), timeout=10) as extra:
+            assert extra.recv(1024).startswith(b"421 4.7.0")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", mx.port), timeout=10) as again:
+        assert again.recv(1024).startswith(b"220 ")  # freed slots are reusable
+
+
+def test_a_client_that_stops_sending_is_disconnected_not_held_open(mx: MX) -> None:
+    with socket.create_connection(("127.0.0.1", mx.port), timeout=10) as sock:
+        sock.sendall(b"EHLO client.test\r\n")
+        sock.shutdown(socket.SHUT_WR)  # half-close: the client will send nothing more
+        received = b""
+        while chunk := sock.recv(4096):  # ends only when the server closes its side
+            received += chunk
+        assert received.startswith(b"220 ")

@@ -19,6 +19,7 @@ from pathlib import Path
 from mailfort import config, tls
 from mailfort.directory.service import Directory
 from mailfort.dns import Nameserver, Resolver
+from mailfort.imap import server as mail_access
 from mailfort.smtp import listeners as smtp_listeners
 from mailfort.store.service import MailStore
 
@@ -41,6 +42,7 @@ class Services:
 ListenerFactory = Callable[[Services, str, int], Awaitable[int]]
 LISTENER_FACTORIES: dict[str, ListenerFactory] = {}
 LISTENER_FACTORIES.update(smtp_listeners.listeners())
+LISTENER_FACTORIES.update(mail_access.listeners())  # imap, imaps, pop3, pop3s
 
 
 def build(settings: config.Settings) -> Services:
@@ -164,7 +166,9 @@ def run(settings: config.Settings, workers: int) -> int:
 
 
 def run_dev(data_dir: Path, dns: str | None, workers: int = 1) -> int:
-    settings = config.Settings(data_dir=data_dir, hostname="localhost")
+    # Environment overrides apply in dev too (MAILFORT_TRUSTED_FORWARDERS, MAILFORT_HOSTNAME...).
+    env = {"MAILFORT_HOSTNAME": "localhost", **os.environ, "MAILFORT_DATA_DIR": str(data_dir)}
+    settings = config.load(None, env)
     if dns:
         try:
             settings.nameservers = [Nameserver.parse(dns)]

@@ -70,7 +70,9 @@ _ENV = {
     "MAILFORT_HOSTNAME": "hostname",
     "MAILFORT_DIRECTORY_URL": "directory.url",
     "MAILFORT_DNS": "dns.nameservers",
+    "MAILFORT_TRUSTED_FORWARDERS": "smtp.trusted_forwarders",
 }
+_LIST_KEYS = {"dns.nameservers", "smtp.trusted_forwarders"}
 
 
 def _flatten(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,7 +110,10 @@ def load(path: Path | None, env: Mapping[str, str] = os.environ) -> Settings:
             raise ConfigError(f"{path}: {exc}") from exc
     for var, key in _ENV.items():
         if var in env:
-            flat[key] = env[var].split(",") if key == "dns.nameservers" else env[var]
+            value = env[var]
+            flat[key] = (
+                [v.strip() for v in value.split(",") if v.strip()] if key in _LIST_KEYS else value
+            )
     _check(flat)
     return from_flat(flat)
 

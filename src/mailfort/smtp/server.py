@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import Counter
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -22,40 +21,85 @@ MAX_PER_IP = 20
 logging.getLogger("mail.log").disabled = True
 
 
+class ConnectionTable:
+    """Live connections per client address, for the per-IP cap.
+
+    It holds the accepted transports themselves and counts those still open: a TLS
+    handshake that fails after STARTTLS never reaches our connection_lost, so a counter
+    decremented there would leak; a closed transport reports ``is_closing()`` whatever
+    path closed it.
+    """
+
+    def __init__(self) -> None:
+        self._by_ip: dict[str, set[asyncio.BaseTransport]] = {}
+        self._admitted = 0
+
+    def admit(self, transport: asyncio.BaseTransport, limit: int) -> bool:
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else "local"
+        self._admitted += 1
+        if self._admitted % 1024 == 0:  # now and then, forget addresses gone quiet
+            self._by_ip = {k: v for k, v in self._by_ip.items() if self._live(v)}
+        live = self._live(self._by_ip.get(ip, set()))
+        live.add(transport)
+        self._by_ip[ip] = live
+        return len(live) <= limit
+
+    @staticmethod
+    def _live(transports: set[asyncio.BaseTransport]) -> set[asyncio.BaseTransport]:
+        return {t for t in transports if not t.is_closing()}
+
+
 class MailfortSMTP(SMTP):
     """aiosmtpd with our policies; one instance per connection."""
 
     line_length_limit = LINE_LIMIT
 
     def __init__(
-        self, handler: Any, *, connections: Counter[str], max_per_ip: int, **kwargs: Any
+        self, handler: Any, *, connections: ConnectionTable, max_per_ip: int, **kwargs: Any
     ) -> None:
         super().__init__(handler, **kwargs)
         self._connections = connections
         self._max_per_ip = max_per_ip
-        self._peer_ip: str | None = None
+        self._counted = False
         self._raw_replies = False
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "local"
-        if self._peer_ip is None:  # STARTTLS calls this again on the same connection
-            self._connections[ip] += 1
-            self._peer_ip = ip
-            if self._connections[ip] > self._max_per_ip:
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections from your address\r\n")
+        if not self._counted:  # STARTTLS calls this again on the same connection
+            self._counted = True
+            if not self._connections.admit(transport, self._max_per_ip):
+                self._refused = True
+                # uvloop's transports are not asyncio.WriteTransport subclasses, but write.
+                cast(asyncio.WriteTransport, transport).write(
+                    b"421 4.7.0 Too many connections from your address\r\n"
+                )
                 transport.close()
                 return
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._peer_ip is not None:
-            self._connections[self._peer_ip] -= 1
-            if self._connections[self._peer_ip] <= 0:
-                del self._connections[self._peer_ip]
-            self._peer_ip = None
-        super().connection_lost(exc)
+        if not self._refused:  # a refused connection never started an SMTP session
+            super().connection_lost(exc)
+
+    def eof_received(self) -> bool:
+        # aiosmtpd stops the session at EOF but keeps a plain socket half-open (CLOSE-WAIT)
+        # until the idle timeout; SMTP has nothing to send to a client that stopped talking.
+        super().eof_received()
+        return False
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        try:
+            await super().smtp_STARTTLS(arg)
+        except Exception:
+            # A failed handshake (old protocol, client gone) leaves aiosmtpd reading from a
+            # dead TLS layer until the idle timeout; end the connection now instead.
+            if self._original_transport is not None:
+                self._original_transport.abort()
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and not self._raw_replies:
@@ -103,7 +147,7 @@ def smtp_factory(
     **kwargs: Any,
 ) -> Any:
     """A protocol factory for ``loop.create_server``."""
-    connections: Counter[str] = Counter()
+    connections = ConnectionTable()
 
     def make() -> MailfortSMTP:
         return MailfortSMTP(
