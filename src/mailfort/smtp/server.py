@@ -95,7 +95,7 @@ class MailfortSMTP(SMTP):
             # A failed handshake (old protocol, client gone) leaves aiosmtpd reading from a
             # dead TLS layer until the idle timeout; end the connection now instead.
             if self._original_transport is not None:
-                self._original_transport.abort()
+                cast(asyncio.Transport, self._original_transport).abort()
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             if self._handler_coroutine is not None:
