@@ -20,6 +20,7 @@ from mailfort import config, tls
 from mailfort.directory.service import Directory
 from mailfort.dns import Nameserver, Resolver
 from mailfort.imap import server as mail_access
+from mailfort.keys.server import ServerKey
 from mailfort.smtp import listeners as smtp_listeners
 from mailfort.store.service import MailStore
 
@@ -52,7 +53,9 @@ def build(settings: config.Settings) -> Services:
     tls.ensure_self_signed(settings.tls_cert, settings.tls_key, settings.hostname)
     return Services(
         settings=settings,
-        directory=Directory.open(settings.directory_url),
+        directory=Directory.open(
+            settings.directory_url, ServerKey.load_or_create(settings.data_dir)
+        ),
         store=MailStore(settings.data_dir),
         resolver=Resolver(settings.nameservers),
     )
@@ -176,7 +179,7 @@ def run_dev(data_dir: Path, dns: str | None, workers: int = 1) -> int:
             raise SystemExit(f"mailfort: --dns: {exc}") from exc
     settings.ports = {name: free_port(settings.listen_host) for name in LISTENER_FACTORIES}
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    directory = Directory.open(settings.directory_url)
+    directory = Directory.open(settings.directory_url, ServerKey.load_or_create(data_dir))
     password = _ensure_demo(directory, data_dir)
     directory.close()
 

@@ -47,10 +47,11 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _directory(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from mailfort.directory.service import Directory
+    from mailfort.keys.server import ServerKey
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Directory.open(settings.directory_url)
+    return Directory.open(settings.directory_url, ServerKey.load_or_create(settings.data_dir))
 
 
 def _read_lines(count: int, what: str) -> list[str]:
@@ -75,6 +76,16 @@ def cmd_domain(args: argparse.Namespace) -> int:
             print(name)
     elif args.action == "remove":
         d.remove_domain(args.name)
+    elif args.action == "dns":
+        from mailfort.directory.addresses import normalise_domain
+        from mailfort.directory.dnsrecords import records
+
+        keys = d.dkim_keys(args.name)
+        for record in records(normalise_domain(args.name), _settings(args).hostname, keys):
+            print(record.zone_line())
+    elif args.action == "dkim-rotate":
+        for key in d.rotate_dkim(args.name):
+            print(f"{key.selector}\t{key.algorithm}\t{'active' if key.active else 'retired'}")
     return EX_OK
 
 
@@ -250,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     dom.add_parser("add").add_argument("name")
     dom.add_parser("list")
     dom.add_parser("remove").add_argument("name")
+    dom.add_parser("dns", help="print the zone records the domain needs").add_argument("name")
+    dom.add_parser("dkim-rotate", help="new DKIM keys; the old stay published").add_argument("name")
 
     usr = command("user", cmd_user, "mail accounts").add_subparsers(dest="action", required=True)
     add = usr.add_parser("add", help="create a user; prints a password and a recovery key once")

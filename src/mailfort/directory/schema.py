@@ -76,12 +76,32 @@ key_slots = sa.Table(
 )
 
 
+dkim_keys = sa.Table(
+    "dkim_keys",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("domain_id", sa.ForeignKey("domains.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("selector", sa.String(63), nullable=False),
+    sa.Column("algorithm", sa.String(16), nullable=False),  # "ed25519" or "rsa"
+    # Sealed under the server key (keys/server.py): the database alone cannot sign.
+    sa.Column("private_sealed", sa.LargeBinary, nullable=False),
+    sa.Column("public_key", sa.Text, nullable=False),  # base64, as published in DNS
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("retired_at", sa.BigInteger, nullable=True),
+    sa.UniqueConstraint("domain_id", "selector"),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[domains, users, aliases, alias_targets, key_slots])
 
 
+def _v2(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[dkim_keys])
+
+
 # Append-only: each entry moves the schema one version up; released entries never change.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
 LATEST = len(MIGRATIONS)
 
 

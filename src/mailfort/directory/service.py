@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from mailfort.directory import dkimkeys
 from mailfort.directory import schema as t
 from mailfort.directory.addresses import (
     Address,
@@ -27,6 +28,7 @@ from mailfort.directory.addresses import (
 )
 from mailfort.directory.passwords import check_password_strength
 from mailfort.keys.secrets import MailboxSecrets, PublicKeys
+from mailfort.keys.server import ServerKey
 from mailfort.keys.slots import (
     KeySlot,
     SlotKind,
@@ -117,14 +119,33 @@ def make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+@dataclass(frozen=True)
+class DkimKey:
+    selector: str
+    algorithm: str
+    public_b64: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    domain: str
+    selector: str
+    algorithm: str
+    private: bytes
+
+
 class Directory:
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, server_key: ServerKey | None = None) -> None:
         self.engine = engine
+        # Without the server key the directory still routes and authenticates, but cannot
+        # create or use DKIM keys.
+        self.server_key = server_key
         t.migrate(engine)
 
     @classmethod
-    def open(cls, url: str) -> Directory:
-        return cls(make_engine(url))
+    def open(cls, url: str, server_key: ServerKey | None = None) -> Directory:
+        return cls(make_engine(url), server_key)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -132,13 +153,108 @@ class Directory:
     # ---- domains -------------------------------------------------------------------------
 
     def add_domain(self, name: str) -> str:
+        """Add a hosted domain with a fresh Ed25519 and RSA-2048 DKIM pair.
+
+        A directory opened without the server key (tools that only route or authenticate)
+        adds the domain without keys; `rotate_dkim` creates them later.
+        """
         domain = self._domain_name(name)
+        keys = self._new_dkim_pair(set()) if self.server_key is not None else []
         try:
             with self.engine.begin() as conn:
-                conn.execute(t.domains.insert().values(name=domain, created_at=_now()))
+                domain_id = conn.execute(
+                    t.domains.insert().values(name=domain, created_at=_now())
+                ).inserted_primary_key[0]  # type: ignore[index]
+                self._insert_dkim(conn, domain_id, domain, keys)
         except IntegrityError as exc:
             raise DirectoryError(f"domain {domain} already exists") from exc
         return domain
+
+    # ---- DKIM keys ------------------------------------------------------------------------
+
+    def _new_dkim_pair(self, taken: set[str]) -> list[dkimkeys.NewKey]:
+        if self.server_key is None:
+            raise DirectoryError("DKIM keys need the server key (open the directory with it)")
+        out = []
+        for algorithm in dkimkeys.ALGORITHMS:
+            selector = dkimkeys.selector_for(algorithm, taken)
+            taken.add(selector)
+            out.append(dkimkeys.generate(algorithm, selector))
+        return out
+
+    def _insert_dkim(
+        self, conn: sa.Connection, domain_id: int, domain: str, keys: list[dkimkeys.NewKey]
+    ) -> None:
+        for key in keys:
+            assert self.server_key is not None  # keys exist only when it does
+            aad = f"{domain}|{key.selector}".encode()
+            conn.execute(
+                t.dkim_keys.insert().values(
+                    domain_id=domain_id,
+                    selector=key.selector,
+                    algorithm=key.algorithm,
+                    private_sealed=self.server_key.seal(b"dkim", key.private, aad),
+                    public_key=key.public_b64,
+                    created_at=_now(),
+                )
+            )
+
+    def dkim_keys(self, domain: str) -> list[DkimKey]:
+        """Every published key of the domain, active and retired (retired stay in DNS)."""
+        name = self._domain_name(domain)
+        with self.engine.connect() as conn:
+            domain_id = self._domain_id(conn, name)
+            rows = conn.execute(
+                sa.select(t.dkim_keys)
+                .where(t.dkim_keys.c.domain_id == domain_id)
+                .order_by(t.dkim_keys.c.id)
+            )
+            return [
+                DkimKey(r.selector, r.algorithm, r.public_key, r.retired_at is None) for r in rows
+            ]
+
+    def signing_keys(self, domain: str) -> list[SigningKey]:
+        """The active private keys, unsealed: Ed25519 first (RFC 8463 §3 dual signing)."""
+        if self.server_key is None:
+            raise DirectoryError("DKIM signing needs the server key")
+        name = self._domain_name(domain)
+        with self.engine.connect() as conn:
+            domain_id = self._domain_id(conn, name)
+            rows = conn.execute(
+                sa.select(t.dkim_keys).where(
+                    (t.dkim_keys.c.domain_id == domain_id) & t.dkim_keys.c.retired_at.is_(None)
+                )
+            ).all()
+        keys = [
+            SigningKey(
+                name,
+                r.selector,
+                r.algorithm,
+                self.server_key.open(b"dkim", r.private_sealed, f"{name}|{r.selector}".encode()),
+            )
+            for r in rows
+        ]
+        return sorted(keys, key=lambda k: k.algorithm != "ed25519")
+
+    def rotate_dkim(self, domain: str) -> list[DkimKey]:
+        """New active pair; the old pair is retired but stays published."""
+        name = self._domain_name(domain)
+        with self.engine.connect() as conn:
+            domain_id = self._domain_id(conn, name)
+            taken = set(
+                conn.execute(
+                    sa.select(t.dkim_keys.c.selector).where(t.dkim_keys.c.domain_id == domain_id)
+                ).scalars()
+            )
+        keys = self._new_dkim_pair(taken)
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.dkim_keys.update()
+                .where((t.dkim_keys.c.domain_id == domain_id) & t.dkim_keys.c.retired_at.is_(None))
+                .values(retired_at=_now())
+            )
+            self._insert_dkim(conn, domain_id, name, keys)
+        return self.dkim_keys(name)
 
     def list_domains(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -156,6 +272,7 @@ class Directory:
                     raise DirectoryError(
                         f"domain {domain} still has {count} {what}; remove them first"
                     )
+            conn.execute(t.dkim_keys.delete().where(t.dkim_keys.c.domain_id == domain_id))
             conn.execute(t.domains.delete().where(t.domains.c.id == domain_id))
 
     # ---- users ---------------------------------------------------------------------------
