@@ -12,7 +12,15 @@ Zone data is a mapping of owner name to a list of entries:
         "broken.example.com": ["SERVFAIL"],
         "half.example.com": [("TXT", "x"), "TIMEOUT"],  # TXT answers, other types time out
         "nodata.example.com": [("NODATA", "TXT"), "TIMEOUT"],  # TXT: NOERROR, empty
+        "_25._tcp.mx.example.com": [("TLSA", (3, 1, 1, "ab12...")), "SECURE"],
     })
+
+DNSSEC is simulated, not signed: a name marked "SECURE" (and every name below it) is
+answered with the AD bit, as a validating resolver answers for a signed zone, but only
+when the query asked for it with the AD or DO bit (RFC 6840 §5.7). A CNAME chain is
+authenticated only when every name on it is. Unmarked names never get AD, so an
+existing zone keeps its old answers. "SERVFAIL" stands in for a bogus answer.
+TLSA values are (usage, selector, matching type, data as bytes or hex).
 
 Answers follow RFC 1035/2308 rather than dnslib's example server: a name that exists
 without the asked type is NOERROR with an empty answer (NODATA), not NXDOMAIN, and so is an
@@ -31,7 +39,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import AAAA, CNAME, MX, NS, PTR, QTYPE, RCODE, RR, TXT, A, DNSLabel, DNSRecord
+from dnslib import (
+    AAAA,
+    CNAME,
+    MX,
+    NS,
+    PTR,
+    QTYPE,
+    RCODE,
+    RR,
+    TLSA,
+    TXT,
+    A,
+    DNSLabel,
+    DNSRecord,
+)
 
 Entry = tuple[str, Any] | str
 Zone = Mapping[str, Iterable[Entry]]
@@ -60,6 +82,7 @@ class _Node:
     rrs: dict[str, list[Any]] = field(default_factory=dict)  # type -> rdata objects
     timeout: bool = False
     servfail: bool = False
+    secure: bool = False  # "SECURE": answers here carry AD (see the module docstring)
     nodata: set[str] = field(default_factory=set)
 
 
@@ -74,6 +97,8 @@ def _compile(zone: Zone) -> tuple[dict[str, _Node], set[str]]:
                     node.timeout = True
                 elif marker == "SERVFAIL":
                     node.servfail = True
+                elif marker == "SECURE":
+                    node.secure = True
                 else:
                     raise ValueError(f"unknown marker {entry!r} at {name}")
                 continue
@@ -87,6 +112,10 @@ def _compile(zone: Zone) -> tuple[dict[str, _Node], set[str]]:
             elif rtype == "MX":
                 pref, exchange = value
                 rdata = MX(str(exchange), int(pref))
+            elif rtype == "TLSA":
+                usage, selector, mtype, data = value
+                raw = bytes.fromhex(data) if isinstance(data, str) else bytes(data)
+                rdata = TLSA(int(usage), int(selector), int(mtype), raw)
             elif rtype in _RDATA:
                 rdata = _RDATA[rtype](str(value))
             else:
@@ -150,6 +179,8 @@ class DNSServer:
             return None
         reply = request.reply()
         reply.header.ra = 0
+        # dnslib's reply() copies the query's flag bits, AD included; AD is ours to set.
+        reply.header.ad = 0
         if not request.questions:
             reply.header.rcode = RCODE.FORMERR
             return bytes(reply.pack())
@@ -161,12 +192,14 @@ class DNSServer:
             nodes, existing = self._nodes, self._existing
         owner = q.qname
         seen: set[str] = set()
+        secure = True  # every name on the (CNAME) chain is in a "SECURE" subtree
         while True:
             if name in seen:  # a CNAME loop: what a recursive resolver reports as SERVFAIL
                 reply = request.reply()
                 reply.header.rcode = RCODE.SERVFAIL
                 break
             seen.add(name)
+            secure = secure and _is_secure(nodes, name)
             node = nodes.get(name)
             if node is None:
                 if name not in existing:
@@ -189,6 +222,8 @@ class DNSServer:
             if node.servfail:
                 reply.header.rcode = RCODE.SERVFAIL
             break
+        if secure and _wants_ad(request) and reply.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN):
+            reply.header.ad = 1
         wire = bytes(reply.pack())
         if transport == "udp":
             limit = 512
@@ -199,6 +234,7 @@ class DNSServer:
                 truncated = request.reply()
                 truncated.header.tc = 1
                 truncated.header.rcode = reply.header.rcode
+                truncated.header.ad = reply.header.ad
                 wire = bytes(truncated.pack())
         return wire
 
@@ -257,6 +293,24 @@ class DNSServer:
             srv.server_close()
 
 
+def _is_secure(nodes: dict[str, _Node], name: str) -> bool:
+    """Whether ``name`` lies at or below a name marked "SECURE" (a signed zone)."""
+    labels = name.split(".")
+    for i in range(len(labels)):
+        node = nodes.get(".".join(labels[i:]))
+        if node is not None and node.secure:
+            return True
+    return False
+
+
+def _wants_ad(request: DNSRecord) -> bool:
+    """RFC 6840 §5.7/§5.8: AD is set in a reply only for a query with AD or DO set."""
+    if request.header.ad:
+        return True
+    # The DO bit is the top bit of the OPT record's flags, carried in its TTL field.
+    return any(rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in request.ar)
+
+
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
     buf = b""
     while len(buf) < n:
@@ -277,6 +331,9 @@ def zone_from_text(text: str) -> dict[str, list[Entry]]:
             value = list(rr.rdata.data)
         elif rtype == "MX":
             value = (rr.rdata.preference, str(rr.rdata.label))
+        elif rtype == "TLSA":
+            d = rr.rdata
+            value = (d.cert_usage, d.selector, d.matching_type, bytes(d.cert_data))
         else:
             value = str(rr.rdata)
         zone.setdefault(str(rr.rname), []).append((rtype, value))

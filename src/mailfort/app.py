@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -16,12 +17,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailfort import config, tls
+from mailfort import config, delivery, tls
 from mailfort.directory.service import Directory
 from mailfort.dns import Nameserver, Resolver
 from mailfort.imap import server as mail_access
 from mailfort.keys.server import ServerKey
+from mailfort.outbound.engine import Engine
+from mailfort.outbound.queue import Queue
 from mailfort.smtp import listeners as smtp_listeners
+from mailfort.smtp.limits import SendingLimits
 from mailfort.store.service import MailStore
 
 DEMO_DOMAIN = "example.test"
@@ -36,7 +40,20 @@ class Services:
     directory: Directory
     store: MailStore
     resolver: Resolver
+    queue: Queue
+    limits: SendingLimits
+    worker_index: int = 0
+    engine: Engine | None = None  # outbound delivery: worker 0 only, so none twice
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
+
+    def wake_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.wake()
+
+    def close(self) -> None:
+        self.queue.close()
+        self.store.close()
+        self.directory.close()
 
 
 # A listener factory starts its servers for the named port and returns the bound port.
@@ -46,18 +63,20 @@ LISTENER_FACTORIES.update(smtp_listeners.listeners())
 LISTENER_FACTORIES.update(mail_access.listeners())  # imap, imaps, pop3, pop3s
 
 
-def build(settings: config.Settings) -> Services:
+def build(settings: config.Settings, worker_index: int = 0) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(settings.data_dir, 0o700)
     assert settings.tls_cert is not None and settings.tls_key is not None
     tls.ensure_self_signed(settings.tls_cert, settings.tls_key, settings.hostname)
+    server_key = ServerKey.load_or_create(settings.data_dir)
     return Services(
         settings=settings,
-        directory=Directory.open(
-            settings.directory_url, ServerKey.load_or_create(settings.data_dir)
-        ),
+        directory=Directory.open(settings.directory_url, server_key),
         store=MailStore(settings.data_dir),
         resolver=Resolver(settings.nameservers),
+        queue=Queue(settings.data_dir, server_key),
+        limits=SendingLimits(),
+        worker_index=worker_index,
     )
 
 
@@ -74,6 +93,17 @@ async def _serve(services: Services, ready: Callable[[dict[str, int]], None]) ->
         if port is None:
             continue
         bound[name] = await factory(services, services.settings.listen_host, port)
+    if services.worker_index == 0:
+        services.engine = Engine(
+            services.queue,
+            services.resolver,
+            functools.partial(
+                delivery.deliver_bounce, services.directory, services.store, services.queue
+            ),
+            hostname=services.settings.hostname,
+            port=services.settings.outbound_port,
+        )
+        services.engine.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,6 +114,8 @@ async def _serve(services: Services, ready: Callable[[dict[str, int]], None]) ->
         server.close()
     for server in services.servers:
         await server.wait_closed()
+    if services.engine is not None:
+        await services.engine.stop()
 
 
 def _run_loop(coro: Awaitable[None]) -> None:
@@ -95,13 +127,14 @@ def _run_loop(coro: Awaitable[None]) -> None:
         asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def _run_one(settings: config.Settings, ready: Callable[[dict[str, int]], None]) -> None:
-    services = build(settings)
+def _run_one(
+    settings: config.Settings, ready: Callable[[dict[str, int]], None], worker_index: int = 0
+) -> None:
+    services = build(settings, worker_index)
     try:
         _run_loop(_serve(services, ready))
     finally:
-        services.store.close()
-        services.directory.close()
+        services.close()
 
 
 def _run_workers(
@@ -117,12 +150,10 @@ def _run_workers(
     if workers <= 1:
         _run_one(settings, ready)
         return 0
-    prepared = build(settings)  # migrations and certificate once, before the fork
-    prepared.store.close()
-    prepared.directory.close()
+    build(settings).close()  # migrations, keys and certificate once, before the fork
     read_end, write_end = os.pipe()
     children: list[int] = []
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             os.close(read_end)
@@ -132,7 +163,7 @@ def _run_workers(
                 os.write(write_end, json.dumps(ports).encode() + b"\n")
 
             try:
-                _run_one(settings, report)
+                _run_one(settings, report, index)
             except BaseException:
                 import traceback
 

@@ -217,6 +217,22 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
 # ---- services -----------------------------------------------------------------------------
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from mailfort.keys.server import ServerKey
+    from mailfort.outbound.queue import Queue
+
+    data_dir = _data_dir(args)
+    queue = Queue(data_dir, ServerKey.load_or_create(data_dir))
+    try:
+        if args.action == "flush":
+            print(f"{queue.flush()} recipients due now")
+        else:
+            print(f"{queue.pending_count()} recipients waiting")
+    finally:
+        queue.close()
+    return EX_OK
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from mailfort import app
 
@@ -296,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     rev = apps.add_parser("revoke")
     rev.add_argument("address")
     rev.add_argument("which", help="id or label")
+
+    que = command("queue", cmd_queue, "the outbound queue").add_subparsers(
+        dest="action", required=True
+    )
+    que.add_parser("status", help="how many recipients wait")
+    que.add_parser("flush", help="retry every waiting recipient now")
 
     dl = command("deliver", cmd_deliver, "local delivery agent: the message on stdin")
     dl.add_argument("--to", required=True)

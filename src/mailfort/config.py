@@ -45,6 +45,8 @@ class Settings:
     tls_key: Path | None = None
     # Domains whose ARC seal may override a DMARC reject (mailing lists, forwarders we trust).
     trusted_forwarders: list[str] = field(default_factory=list)
+    # The port outbound delivery connects to: 25 on the Internet; tests point it elsewhere.
+    outbound_port: int = 25
 
     def __post_init__(self) -> None:
         if not self.directory_url:
@@ -62,6 +64,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "listen": {"host": str, **{name: int for name in LISTENERS}},
     "tls": {"cert": str, "key": str},
     "smtp": {"trusted_forwarders": list},
+    "outbound": {"port": int},
 }
 
 # Environment overrides: the variable, and the TOML key it replaces.
@@ -71,6 +74,7 @@ _ENV = {
     "MAILFORT_DIRECTORY_URL": "directory.url",
     "MAILFORT_DNS": "dns.nameservers",
     "MAILFORT_TRUSTED_FORWARDERS": "smtp.trusted_forwarders",
+    "MAILFORT_OUTBOUND_PORT": "outbound.port",
 }
 _LIST_KEYS = {"dns.nameservers", "smtp.trusted_forwarders"}
 
@@ -111,9 +115,16 @@ def load(path: Path | None, env: Mapping[str, str] = os.environ) -> Settings:
     for var, key in _ENV.items():
         if var in env:
             value = env[var]
-            flat[key] = (
-                [v.strip() for v in value.split(",") if v.strip()] if key in _LIST_KEYS else value
-            )
+            section, _, name = key.rpartition(".")
+            if key in _LIST_KEYS:
+                flat[key] = [v.strip() for v in value.split(",") if v.strip()]
+            elif _SCHEMA.get(section, {}).get(name) is int:
+                try:
+                    flat[key] = int(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{var} must be a number, not {value!r}") from exc
+            else:
+                flat[key] = value
     _check(flat)
     return from_flat(flat)
 
@@ -142,6 +153,7 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         tls_cert=Path(flat["tls.cert"]) if "tls.cert" in flat else None,
         tls_key=Path(flat["tls.key"]) if "tls.key" in flat else None,
         trusted_forwarders=[str(d).lower() for d in flat.get("smtp.trusted_forwarders", [])],
+        outbound_port=int(flat.get("outbound.port", 25)),
     )
     if "hostname" in flat:
         settings.hostname = flat["hostname"]

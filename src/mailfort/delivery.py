@@ -6,9 +6,11 @@ the same routing (exact user, plus-tag, alias, catch-all) and the same durabilit
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from mailfort.directory.service import Directory, Route, RouteKind, User
+from mailfort.outbound.queue import Queue
 from mailfort.store.service import MailStore, Recipient
 
 
@@ -52,6 +54,19 @@ def with_return_path(raw: bytes, mail_from: str | None) -> bytes:
     if mail_from is None:
         return raw
     return b"Return-Path: <" + mail_from.encode("utf-8") + b">\r\n" + raw
+
+
+async def deliver_bounce(
+    directory: Directory, store: MailStore, queue: Queue, sender: str, report: bytes
+) -> None:
+    """A DSN goes into the sender's mailbox when the sender is ours, else out with a null
+    reverse-path (RFC 5321 §4.5.5), so it can never bounce in turn."""
+    route = await asyncio.to_thread(directory.route, sender)
+    if route.kind is RouteKind.NOT_HOSTED:
+        await queue.enqueue("", [sender], report)
+        return
+    for user in route.users:
+        await store.deliver(recipient(user), report)
 
 
 def deliver_local(store: MailStore, targets: LocalTargets, raw: bytes) -> None:

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdata
 import dns.rdatatype
@@ -48,6 +49,20 @@ class TemporaryDNSError(Exception):
     """A lookup failed for a reason that may pass (timeout, SERVFAIL)."""
 
 
+@dataclass(frozen=True)
+class AuthenticatedAnswer:
+    """Records plus whether the resolver vouched for them with DNSSEC.
+
+    ``authenticated`` is the AD bit of the response (RFC 4035 §3.2.3). It means something
+    only when the configured resolver validates and the path to it is trusted (loopback),
+    which is what DANE (RFC 7672 §2.1.1) requires of a deployment. ``records`` is [] for
+    NODATA/NXDOMAIN; ``authenticated`` then says whether that denial was validated.
+    """
+
+    records: list[dns.rdata.Rdata]
+    authenticated: bool
+
+
 class Resolver:
     """Async and sync lookups against one configured set of nameservers."""
 
@@ -56,6 +71,11 @@ class Resolver:
         self.timeout = timeout
         self._async = self._configure(dns.asyncresolver.Resolver)
         self._sync = self._configure(dns.resolver.Resolver)
+        # A second resolver that asks for the AD bit. RFC 6840 §5.7: a validating resolver
+        # sets AD in its answer when the query had AD set; the DO bit would also do, but
+        # would bring RRSIGs along that nothing here reads.
+        self._async_ad = self._configure(dns.asyncresolver.Resolver)
+        self._async_ad.flags = dns.flags.RD | dns.flags.AD
 
     def _configure(self, cls: type[R]) -> R:
         if not self.nameservers:
@@ -101,6 +121,31 @@ class Resolver:
         """Records of type ``rtype`` at ``name``; [] for NXDOMAIN, NODATA or a name that
         cannot exist. Raises `TemporaryDNSError` on timeout or SERVFAIL."""
         return await self._query(name, rtype)
+
+    async def query_authenticated(self, name: str, rtype: str) -> AuthenticatedAnswer:
+        """Like `query`, plus the AD bit of the answer (for DANE TLSA lookups).
+
+        An answer that is not authenticated (an unsigned zone, or a resolver that does not
+        validate) comes back with ``authenticated=False``. A bogus answer is SERVFAIL from
+        a validating resolver, so it raises `TemporaryDNSError` like any other failure.
+        """
+        try:
+            answer = await self._async_ad.resolve(
+                name, rtype, raise_on_no_answer=False, search=False
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            # A validated denial of existence still carries AD (RFC 4035 §3.2.3).
+            responses = exc.kwargs.get("responses") or {}
+            secure = bool(responses) and all(
+                bool(r.flags & dns.flags.AD) for r in responses.values()
+            )
+            return AuthenticatedAnswer([], secure)
+        except _ABSENT:
+            return AuthenticatedAnswer([], False)
+        except _TEMPORARY as exc:
+            raise TemporaryDNSError(f"{rtype} lookup failed") from exc
+        records = list(answer) if answer.rrset is not None else []
+        return AuthenticatedAnswer(records, bool(answer.response.flags & dns.flags.AD))
 
     def query_sync(
         self, name: str, rtype: str, lifetime: float | None = None

@@ -477,6 +477,34 @@ class Directory:
             conn.execute(t.alias_targets.delete().where(t.alias_targets.c.alias_id == alias_id))
             conn.execute(t.aliases.delete().where(t.aliases.c.id == alias_id))
 
+    def sendable_addresses(self, user: User) -> set[str]:
+        """Addresses ``user`` may send as: their own and every exact alias that reaches them.
+
+        A catch-all is not included: being its target does not make every address of the
+        domain the user's to send from.
+        """
+        own = {str(user.address)}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.aliases.c.local_part, t.domains.c.name)
+                .join(t.domains, t.domains.c.id == t.aliases.c.domain_id)
+                .join(t.alias_targets, t.alias_targets.c.alias_id == t.aliases.c.id)
+                .where(t.alias_targets.c.target == str(user.address))
+                .where(t.aliases.c.local_part != "*")
+            )
+            own |= {f"{local}@{domain}" for local, domain in rows}
+        return own
+
+    def may_send_as(self, user: User, address: str) -> bool:
+        """Plus-tags and case do not matter: ``Alice+news@Example.test`` is alice's."""
+        local, _, domain = address.strip().rpartition("@")
+        try:
+            domain = normalise_domain(domain)
+        except AddressError:
+            return False
+        base, _tag = split_plus(local.lower())
+        return f"{base}@{domain}" in self.sendable_addresses(user)
+
     def route(self, address: str) -> Route:
         """Where mail for ``address`` goes: exact user, plus-tag, exact alias, then catch-all."""
         local, _, domain = address.strip().rpartition("@")

@@ -42,9 +42,12 @@ class ServerKey:
             os.fsync(fh.fileno())
         return cls(key)
 
+    def derive(self, purpose: bytes) -> bytes:
+        """A subkey for one purpose: a blob sealed for one use never opens for another."""
+        return hkdf(self._key, b"", b"mailfort/v1/server/" + purpose)
+
     def _aead(self, purpose: bytes) -> ChaCha20Poly1305:
-        # One subkey per purpose: a blob sealed for one use never opens for another.
-        return ChaCha20Poly1305(hkdf(self._key, b"", b"mailfort/v1/server/" + purpose))
+        return ChaCha20Poly1305(self.derive(purpose))
 
     def seal(self, purpose: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
         nonce = os.urandom(_NONCE)

@@ -144,13 +144,14 @@ def smtp_factory(
     require_starttls: bool = False,
     timeout: float = 300,
     max_per_ip: int = MAX_PER_IP,
+    protocol: type[MailfortSMTP] = MailfortSMTP,
     **kwargs: Any,
 ) -> Any:
     """A protocol factory for ``loop.create_server``."""
     connections = ConnectionTable()
 
     def make() -> MailfortSMTP:
-        return MailfortSMTP(
+        return protocol(
             handler,
             connections=connections,
             max_per_ip=max_per_ip,

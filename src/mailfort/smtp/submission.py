@@ -1,0 +1,230 @@
+"""Authenticated submission (RFC 6409) on 587 (STARTTLS first) and 465 (implicit TLS, RFC 8314).
+
+A user may send only as their own addresses (envelope and From header), within per-user
+limits; accepted mail is DKIM-signed by the sender's domain, filed directly for our own
+recipients and queued (durably, encrypted) for the rest. 250 comes after both are on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+from base64 import b64decode
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, AuthResult
+
+from mailfort.auth.dkimsign import sign
+from mailfort.delivery import recipient
+from mailfort.directory.service import AuthFailed, Directory, RouteKind, User
+from mailfort.mail import parse_message
+from mailfort.outbound.queue import Queue
+from mailfort.smtp import hygiene
+from mailfort.smtp.limits import SendingLimits
+from mailfort.smtp.server import EhloExtensions, MailfortSMTP
+from mailfort.store.service import MailStore
+
+log = logging.getLogger("mailfort.smtp.submission")
+
+MAX_RECIPIENTS = 100
+
+
+@dataclass
+class _Session:
+    user: User
+    local: dict[str, User]
+    remote: list[str]
+
+
+class SubmissionSMTP(MailfortSMTP):
+    """aiosmtpd's PLAIN and LOGIN, with the credential check off the event loop.
+
+    aiosmtpd calls its authenticator synchronously; an account password costs an Argon2id
+    run (~100 ms), which must not stall every other session of the worker.
+    """
+
+    async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        handler: SubmissionHandler = self.event_handler
+        user = await handler.authenticate(login, password)
+        if user is None:
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=user)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        try:
+            _authz, login, password = bytes(blob).split(b"\x00")  # RFC 4616 §2
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check("PLAIN", login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        return await self._check("LOGIN", bytes(login), bytes(password))
+
+
+class SubmissionHandler(EhloExtensions):
+    def __init__(
+        self,
+        directory: Directory,
+        store: MailStore,
+        queue: Queue,
+        limits: SendingLimits,
+        hostname: str,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.directory = directory
+        self.store = store
+        self.queue = queue
+        self.limits = limits
+        self.hostname = hostname
+        self.wake = wake
+
+    async def authenticate(self, login: bytes, password: bytes) -> User | None:
+        try:
+            return await asyncio.to_thread(
+                self.directory.authenticate,
+                login.decode("utf-8", "replace"),
+                password.decode("utf-8", "replace"),
+            )
+        except AuthFailed:
+            return None
+
+    @staticmethod
+    def _state(session: Any, envelope: Any) -> _Session:
+        state = getattr(envelope, "mailfort_submission", None)
+        if state is None:
+            state = _Session(session.auth_data, {}, [])
+            envelope.mailfort_submission = state
+        return state
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        user: User = session.auth_data
+        if not address or not hygiene.valid_mailbox(address):
+            return "501 5.1.7 Bad sender address syntax"
+        allowed = await asyncio.to_thread(self.directory.may_send_as, user, address)
+        if not allowed:
+            return "553 5.7.1 Sender address not owned by the authenticated user"
+        refusal = self.limits.message(str(user.address))
+        if refusal:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        if rcpt_options:
+            return "555 5.5.4 RCPT TO parameters not supported"
+        if not hygiene.valid_mailbox(address):
+            return "501 5.1.3 Bad recipient address syntax"
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        state = self._state(session, envelope)
+        refusal = self.limits.recipient(str(state.user.address))
+        if refusal:
+            return refusal
+        route = await asyncio.to_thread(self.directory.route, address)
+        if route.kind is RouteKind.UNKNOWN_USER:
+            return "550 5.1.1 No such user here"
+        if route.kind is RouteKind.LOCAL and not route.forwards:
+            for user in route.users:
+                state.local[user.mailbox_id] = user
+        elif route.kind is RouteKind.LOCAL:
+            return "550 5.3.3 Forwarding to outside addresses is not enabled here"
+        else:
+            state.remote.append(address)
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        state = self._state(session, envelope)
+        raw: bytes = envelope.original_content
+        if hygiene.has_bare_line_end(raw):
+            return "550 5.5.2 Message contains bare CR or LF line ends; use CRLF"
+        from_addrs = _from_addresses(raw)
+        if not from_addrs:
+            return "550 5.6.0 A From header is required (RFC 5322 §3.6)"
+        for address in from_addrs:
+            if not await asyncio.to_thread(self.directory.may_send_as, state.user, address):
+                return "553 5.7.1 From address not owned by the authenticated user"
+        message = _complete(raw, self.hostname, from_addrs[0])
+        domain = from_addrs[0].rpartition("@")[2].lower()
+        try:
+            keys = await asyncio.to_thread(self.directory.signing_keys, domain)
+        except Exception:
+            log.exception("no DKIM keys for a sending domain")
+            keys = []
+        signed = await asyncio.to_thread(sign, message, keys) if keys else message
+        try:
+            await asyncio.gather(
+                *(self.store.deliver(recipient(u), signed) for u in state.local.values()),
+                *(
+                    [
+                        self.queue.enqueue(
+                            envelope.mail_from, state.remote, signed, str(state.user.address)
+                        )
+                    ]
+                    if state.remote
+                    else []
+                ),
+            )
+        except Exception:
+            log.exception("submission could not be stored")
+            return "451 4.3.0 Temporary failure storing the message, try again"
+        if state.remote:
+            self.wake()
+        return "250 2.6.0 Message accepted"
+
+
+def _from_addresses(raw: bytes) -> list[str]:
+    msg = parse_message(raw)
+    env = msg.envelope
+    if env is None:
+        return []
+    return [
+        f"{a.mailbox.decode('utf-8', 'replace')}@{a.domain.decode('utf-8', 'replace')}"
+        for a in (env.from_ or [])
+        if a.mailbox and a.domain
+    ]
+
+
+def _complete(raw: bytes, hostname: str, sender: str) -> bytes:
+    """RFC 6409 §8: a submission server may add the Date and Message-ID a client left out."""
+    head = raw.split(b"\r\n\r\n", 1)[0].lower()
+    extra = b""
+    if not head.startswith(b"date:") and b"\r\ndate:" not in head:
+        extra += f"Date: {email.utils.formatdate(localtime=False)}\r\n".encode()
+    if not head.startswith(b"message-id:") and b"\r\nmessage-id:" not in head:
+        domain = sender.rpartition("@")[2] or hostname
+        extra += f"Message-ID: <{os.urandom(12).hex()}@{domain}>\r\n".encode()
+    return extra + raw
