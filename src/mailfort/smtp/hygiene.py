@@ -29,6 +29,18 @@ def valid_mailbox(address: str) -> bool:
     return len(address) <= 320 and _MAILBOX.match(address) is not None
 
 
+def rcpt_refusal(address: str, options: list[str], accepted: int, limit: int) -> str | None:
+    """The reply refusing a RCPT on its form alone, or None (both listeners share it)."""
+    if options:
+        return "555 5.5.4 RCPT TO parameters not supported"
+    if not valid_mailbox(address):
+        return "501 5.1.3 Bad recipient address syntax"
+    if accepted >= limit:
+        # RFC 5321 §4.5.3.1.10: the client sends the rest in another transaction.
+        return "452 4.5.3 Too many recipients"
+    return None
+
+
 def has_bare_line_end(raw: bytes) -> bool:
     return _BARE_LF.search(raw) is not None or _BARE_CR.search(raw) is not None
 

@@ -75,13 +75,11 @@ class InboundHandler(EhloExtensions):
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        if rcpt_options:
-            return "555 5.5.4 RCPT TO parameters not supported"
-        if not hygiene.valid_mailbox(address):
-            return "501 5.1.3 Bad recipient address syntax"
-        if len(envelope.rcpt_tos) >= self.policy.max_recipients:
-            # RFC 5321 §4.5.3.1.10: the client sends the rest in another transaction.
-            return "452 4.5.3 Too many recipients"
+        refusal = hygiene.rcpt_refusal(
+            address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
+        )
+        if refusal:
+            return refusal
         try:
             route = await asyncio.to_thread(self.directory.route, address)
         except Exception:

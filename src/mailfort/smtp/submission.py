@@ -143,12 +143,11 @@ class SubmissionHandler(EhloExtensions):
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        if rcpt_options:
-            return "555 5.5.4 RCPT TO parameters not supported"
-        if not hygiene.valid_mailbox(address):
-            return "501 5.1.3 Bad recipient address syntax"
-        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
-            return "452 4.5.3 Too many recipients"
+        refusal = hygiene.rcpt_refusal(
+            address, rcpt_options, len(envelope.rcpt_tos), MAX_RECIPIENTS
+        )
+        if refusal:
+            return refusal
         state = self._state(session, envelope)
         refusal = self.limits.recipient(str(state.user.address))
         if refusal:
