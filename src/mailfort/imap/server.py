@@ -1,0 +1,330 @@
+"""The asyncio IMAP server: sockets and timers around the sans-IO core and the session.
+
+Listeners: ``imap`` (143, STARTTLS) and ``imaps`` (993, implicit TLS, RFC 8314).  The
+loop of one connection is the core's own recipe (see :mod:`mailfort.imap.connection`):
+read, feed, pull events, let the :class:`~mailfort.imap.session.Session` answer.
+
+Timers are not per connection: one sweeper task per listener wakes every few seconds,
+closes connections idle past their limit (RFC 9051 §5.4: at least 30 minutes once
+logged in; a minute before) and keeps IDLE connections alive through NAT with
+``* OK Still here`` every two minutes.  An idle connection thus costs its socket, its
+TLS state and a few small objects, and no timer handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mailfort.directory.service import Directory
+from mailfort.guard.logins import LoginGuard
+from mailfort.imap.connection import ImapConnection, Send
+from mailfort.imap.mailboxes import MailAccess
+from mailfort.imap.session import Session
+from mailfort.imap.state import ServerPolicy
+from mailfort.imap.transport import ProtocolError, StreamIO
+from mailfort.store.service import MailStore
+from mailfort.tls import server_context
+
+__all__ = ["ImapServer", "Listener", "Timeouts", "access_for", "listeners", "set_access"]
+
+log = logging.getLogger(__name__)
+
+
+class ServicesLike(Protocol):
+    """What the listeners use of :class:`mailfort.app.Services` (no import upward)."""
+
+    @property
+    def settings(self) -> Any: ...
+
+    @property
+    def directory(self) -> Directory: ...
+
+    @property
+    def store(self) -> MailStore: ...
+
+    @property
+    def servers(self) -> list[asyncio.AbstractServer]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    preauth: float = 60.0
+    authenticated: float = 30 * 60.0  # RFC 9051 §5.4: at least 30 minutes
+    keepalive: float = 120.0  # "* OK Still here" during IDLE
+    sweep: float = 5.0
+    shutdown: float = 5.0
+
+
+class _Conn:
+    __slots__ = ("conn", "io", "last", "last_keepalive", "session", "task")
+
+    def __init__(self, conn: ImapConnection, io: StreamIO, session: Session) -> None:
+        self.conn = conn
+        self.io = io
+        self.session = session
+        self.last = self.last_keepalive = time.monotonic()
+        self.task: asyncio.Task[Any] | None = None
+
+
+class ImapServer:
+    """Serves IMAP connections for one listening socket."""
+
+    def __init__(
+        self,
+        access: MailAccess,
+        tls_context: ssl.SSLContext | None,
+        *,
+        implicit_tls: bool,
+        policy: ServerPolicy | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.access = access
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.policy = policy or ServerPolicy(
+            tls_available=tls_context is not None and not implicit_tls
+        )
+        self.timeouts = timeouts or Timeouts()
+        self.connections: set[_Conn] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
+
+    # -- connections ------------------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        io = StreamIO(reader, writer, self.tls_context)
+        conn = ImapConnection(self.policy, tls_active=self.implicit_tls)
+        session = Session(self.access, conn, io, io.peer_ip)
+        state = _Conn(conn, io, session)
+        state.task = asyncio.current_task()
+        self.connections.add(state)
+        try:
+            io.write(conn.greeting())
+            await self._serve(state)
+        except (ConnectionError, OSError, ProtocolError, ssl.SSLError):
+            pass  # the peer went away or broke the transport: nothing to answer
+        except asyncio.CancelledError:
+            pass  # autologout or shutdown
+        except Exception:
+            log.exception("IMAP connection failed")
+        finally:
+            self.connections.discard(state)
+            state.task = None
+        await self._release(session.close())
+        io.close()
+
+    async def _release(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Let go of a session's mailbox even if the server is stopping meanwhile: the
+        release runs as its own task, which :meth:`wait_closed` waits for.  The handler
+        itself never ends cancelled (asyncio's stream callback would log that)."""
+        task = asyncio.ensure_future(closing)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("releasing a session failed")
+
+    async def _serve(self, state: _Conn) -> None:
+        conn, io, session = state.conn, state.io, state.session
+        while not conn.closing and not session.must_close:
+            event = conn.next_event()
+            if event is None:
+                if io.buffered() > 0:
+                    await io.drain()
+                data = await io.read()
+                if not data:
+                    return
+                state.last = time.monotonic()
+                conn.receive_data(data)
+                continue
+            if isinstance(event, Send):
+                io.write(event.data)
+                if event.close:
+                    break
+                continue
+            await session.handle(event)
+        await io.drain()
+
+    # -- timers -----------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        t = self.timeouts
+        while True:
+            await asyncio.sleep(t.sweep)
+            now = time.monotonic()
+            for state in list(self.connections):
+                idle_for = now - state.last
+                limit = t.preauth if state.session.shared is None else t.authenticated
+                if idle_for > limit:
+                    # RFC 9051 §7.1.5: BYE before closing for inactivity.
+                    state.io.write(b"* BYE Autologout; idle for too long\r\n")
+                    if state.io.buffered() > 1 << 20:
+                        state.io.abort()  # a client that stopped reading: don't wait on it
+                    else:
+                        state.io.close()
+                    if state.task is not None:
+                        state.task.cancel()
+                elif state.session.idling is not None and now - state.last_keepalive > t.keepalive:
+                    state.last_keepalive = now
+                    state.io.write(b"* OK Still here\r\n")
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> Listener:
+        ssl_ctx = self.tls_context if self.implicit_tls else None
+        server = await asyncio.start_server(
+            self.handle,
+            host,
+            port,
+            ssl=ssl_ctx,
+            reuse_port=True,  # worker processes share the port (app._run_workers)
+            ssl_handshake_timeout=30.0 if ssl_ctx is not None else None,
+        )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return Listener(server, self)
+
+    def shutdown(self) -> None:
+        """Say BYE to every client and end their sessions (SIGTERM)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for state in list(self.connections):
+            with contextlib.suppress(Exception):
+                state.io.write(b"* BYE Server shutting down\r\n")
+            if state.task is not None:
+                state.task.cancel()
+
+    async def wait_closed(self) -> None:
+        tasks: list[asyncio.Future[Any]] = [s.task for s in self.connections if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.timeouts.shutdown)
+        if self._releasing:
+            await asyncio.wait(list(self._releasing), timeout=self.timeouts.shutdown)
+
+
+class _Owner(Protocol):
+    def shutdown(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class Listener(asyncio.AbstractServer):
+    """The listening socket plus its sessions: closing it ends both (SIGTERM)."""
+
+    def __init__(self, server: asyncio.Server, owner: _Owner) -> None:
+        self.server = server
+        self.owner = owner
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        self.server.close()
+        self.owner.shutdown()
+
+    async def wait_closed(self) -> None:
+        await self.owner.wait_closed()
+        await self.server.wait_closed()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self.server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self.server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self.server.serve_forever()
+
+
+# ---- wiring -------------------------------------------------------------------------
+
+_ACCESS: dict[int, tuple[ServicesLike, MailAccess]] = {}
+
+
+#: Default quota (RFC 9208): what GETQUOTA reports as the limit and APPEND/COPY enforce.
+DEFAULT_QUOTA_BYTES = 10 * 1024**3
+DEFAULT_QUOTA_MESSAGES = 1_000_000
+
+
+def _env_int(name: str, default: int) -> int | None:
+    """A quota from the environment; 0 turns the limit off."""
+    value = os.environ.get(name)
+    number = int(value) if value else default
+    return number or None
+
+
+def set_access(services: ServicesLike, access: MailAccess) -> None:
+    """Use ``access`` (a custom guard or quota) for the listeners of ``services``."""
+    _ACCESS[id(services)] = (services, access)
+
+
+def access_for(services: ServicesLike) -> MailAccess:
+    """The logins and open mailboxes shared by the IMAP and POP3 listeners of a process.
+
+    Quota limits come from ``MAILFORT_QUOTA_BYTES`` / ``MAILFORT_QUOTA_MESSAGES`` (0: none).
+    """
+    entry = _ACCESS.get(id(services))
+    if entry is None or entry[0] is not services:
+        access = MailAccess(
+            services.directory,
+            services.store,
+            LoginGuard(),
+            quota_storage=_env_int("MAILFORT_QUOTA_BYTES", DEFAULT_QUOTA_BYTES),
+            quota_messages=_env_int("MAILFORT_QUOTA_MESSAGES", DEFAULT_QUOTA_MESSAGES),
+        )
+        set_access(services, access)
+        return access
+    return entry[1]
+
+
+def tls_context_for(services: ServicesLike) -> ssl.SSLContext | None:
+    settings = services.settings
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return server_context(settings.tls_cert, settings.tls_key)
+
+
+async def _start_imap(services: ServicesLike, host: str, port: int, implicit: bool) -> int:
+    ctx = tls_context_for(services)
+    if implicit and ctx is None:
+        raise RuntimeError("imaps needs a TLS certificate")
+    server = ImapServer(access_for(services), ctx, implicit_tls=implicit)
+    listener = await server.start(host, port)
+    services.servers.append(listener)
+    return listener.port
+
+
+async def start_imap(services: Any, host: str, port: int) -> int:
+    """Port 143: STARTTLS required before any login (RFC 9051 §6.2.1, LOGINDISABLED)."""
+    return await _start_imap(services, host, port, False)
+
+
+async def start_imaps(services: Any, host: str, port: int) -> int:
+    """Port 993: TLS from the first byte (RFC 8314 §3.3)."""
+    return await _start_imap(services, host, port, True)
+
+
+def listeners() -> dict[str, Callable[[Any, str, int], Awaitable[int]]]:
+    """The mail access listeners, IMAP and POP3, for ``mailfort.app``."""
+    from mailfort.pop3.server import start_pop3, start_pop3s
+
+    return {
+        "imap": start_imap,
+        "imaps": start_imaps,
+        "pop3": start_pop3,
+        "pop3s": start_pop3s,
+    }
