@@ -4,6 +4,12 @@ It runs as `postfix -c DIR start-fg` with its own config, queue and Maildirs und
 dir, listens on one loopback address and port, offers STARTTLS with a self-signed
 certificate, accepts the virtual users it is given (others get 550 5.1.1 at RCPT), and
 answers recipients listed in `access` with the reply given there (e.g. 451 for a retry test).
+
+For TLS policy tests it can serve chosen certificates instead: ``tls_chain`` (a PEM file,
+private key first, then the chain from the leaf up) replaces the self-signed certificate,
+``sni_chains`` picks a chain by the SNI name the client sends (Postfix's
+``tls_server_sni_maps``), and ``extra_domains`` are more recipient domains with the same
+users, each stored under ``vmail/DOMAIN/USER``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mailfort.tls import ensure_self_signed
@@ -46,7 +53,17 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
 
 class PostfixMX:
-    def __init__(self, address: str, port: int, domain: str, users: list[str]) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        domain: str,
+        users: list[str],
+        *,
+        extra_domains: Sequence[str] = (),
+        tls_chain: Path | None = None,
+        sni_chains: Mapping[str, Path] | None = None,
+    ) -> None:
         # Not under pytest's temp dirs: pytest resets their root to 0700 whenever a session
         # starts, and Postfix's daemons (postfix, nobody) must walk down to the queue and
         # Maildirs. A directory of our own under /tmp keeps its 0711.
@@ -56,6 +73,9 @@ class PostfixMX:
         self.conf = self.root / "conf"
         self.vmail = self.root / "vmail"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_domains = list(extra_domains)
+        self.tls_chain = tls_chain
+        self.sni_chains = dict(sni_chains or {})
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -81,7 +101,19 @@ class PostfixMX:
         ensure_self_signed(self.conf / "cert.pem", self.conf / "key.pem", f"mx.{self.domain}")
         (self.conf / "vmailbox").write_text(
             "".join(f"{u}@{self.domain} {u}/Maildir/\n" for u in self.users)
+            + "".join(f"{u}@{d} {d}/{u}/Maildir/\n" for d in self.extra_domains for u in self.users)
         )
+        tls_files = (
+            f"smtpd_tls_chain_files = {self.tls_chain}\n"
+            if self.tls_chain is not None
+            else f"smtpd_tls_cert_file = {self.conf / 'cert.pem'}\n"
+            f"smtpd_tls_key_file = {self.conf / 'key.pem'}\n"
+        )
+        if self.sni_chains:
+            (self.conf / "sni").write_text(
+                "".join(f"{name} {path}\n" for name, path in self.sni_chains.items())
+            )
+            tls_files += f"tls_server_sni_maps = hash:{self.conf / 'sni'}\n"
         if not (self.conf / "access").exists():
             self.set_access({})
         (self.conf / "main.cf").write_text(
@@ -103,10 +135,8 @@ alias_database =
 local_recipient_maps =
 biff = no
 smtpd_tls_security_level = may
-smtpd_tls_cert_file = {self.conf / "cert.pem"}
-smtpd_tls_key_file = {self.conf / "key.pem"}
-smtpd_recipient_restrictions = check_recipient_access texthash:{self.conf / "access"}, permit_mynetworks, reject
-virtual_mailbox_domains = {self.domain}
+{tls_files}smtpd_recipient_restrictions = check_recipient_access texthash:{self.conf / "access"}, permit_mynetworks, reject
+virtual_mailbox_domains = {", ".join([self.domain, *self.extra_domains])}
 virtual_mailbox_base = {self.vmail}
 virtual_mailbox_maps = texthash:{self.conf / "vmailbox"}
 virtual_uid_maps = static:{nobody.pw_uid}
@@ -117,6 +147,15 @@ virtual_minimum_uid = {min(nobody.pw_uid, 100)}
         (self.conf / "master.cf").write_text(
             _MASTER_CF.format(listen=f"{self.address}:{self.port}")
         )
+        if self.sni_chains:
+            # The SNI table holds the PEM data itself: "postmap -F" reads the files named
+            # (after main.cf exists: postmap reads it).
+            made = subprocess.run(
+                ["postmap", "-c", str(self.conf), "-F", f"hash:{self.conf / 'sni'}"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            if made.returncode != 0:
+                raise RuntimeError(f"postmap -F failed: {made.stderr}")
         check = self._run("check")
         if check.returncode != 0:
             raise RuntimeError(f"postfix check failed: {check.stderr}")
@@ -150,8 +189,9 @@ virtual_minimum_uid = {min(nobody.pw_uid, 100)}
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def messages(self, user: str) -> list[bytes]:
-        new = self.vmail / user / "Maildir" / "new"
+    def messages(self, user: str, domain: str | None = None) -> list[bytes]:
+        base = self.vmail if domain in (None, self.domain) else self.vmail / domain
+        new = base / user / "Maildir" / "new"
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []
 
     def log_tail(self, lines: int = 30) -> str:

@@ -22,6 +22,7 @@ from mailfort.directory.service import Directory
 from mailfort.dns import Nameserver, Resolver
 from mailfort.imap import server as mail_access
 from mailfort.keys.server import ServerKey
+from mailfort.outbound import policy as outbound_policy
 from mailfort.outbound.engine import Engine
 from mailfort.outbound.queue import Queue
 from mailfort.smtp import listeners as smtp_listeners
@@ -94,6 +95,10 @@ async def _serve(services: Services, ready: Callable[[dict[str, int]], None]) ->
             continue
         bound[name] = await factory(services, services.settings.listen_host, port)
     if services.worker_index == 0:
+        # MTA-STS, DANE and TLS-RPT state lives under DATA/queue/ (see outbound.policy).
+        tls_policy, tls_reports = outbound_policy.build(
+            services.settings, services.resolver, services.queue
+        )
         services.engine = Engine(
             services.queue,
             services.resolver,
@@ -102,6 +107,8 @@ async def _serve(services: Services, ready: Callable[[dict[str, int]], None]) ->
             ),
             hostname=services.settings.hostname,
             port=services.settings.outbound_port,
+            tls=tls_policy,
+            tls_reports=tls_reports,
         )
         services.engine.start()
     stop = asyncio.Event()

@@ -47,6 +47,11 @@ class Settings:
     trusted_forwarders: list[str] = field(default_factory=list)
     # The port outbound delivery connects to: 25 on the Internet; tests point it elsewhere.
     outbound_port: int = 25
+    # CA bundle for PKIX checks of MX certificates and MTA-STS policy hosts (RFC 8461
+    # §3.3, §4.2); None is the system store. Tests give their own CA.
+    outbound_ca_file: Path | None = None
+    # RFC 8461 §3.3 fixes 443 for the policy host; tests serve policies elsewhere.
+    mta_sts_port: int = 443
 
     def __post_init__(self) -> None:
         if not self.directory_url:
@@ -64,7 +69,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "listen": {"host": str, **{name: int for name in LISTENERS}},
     "tls": {"cert": str, "key": str},
     "smtp": {"trusted_forwarders": list},
-    "outbound": {"port": int},
+    "outbound": {"port": int, "ca_file": str, "mta_sts_port": int},
 }
 
 # Environment overrides: the variable, and the TOML key it replaces.
@@ -75,6 +80,8 @@ _ENV = {
     "MAILFORT_DNS": "dns.nameservers",
     "MAILFORT_TRUSTED_FORWARDERS": "smtp.trusted_forwarders",
     "MAILFORT_OUTBOUND_PORT": "outbound.port",
+    "MAILFORT_OUTBOUND_CA_FILE": "outbound.ca_file",
+    "MAILFORT_MTA_STS_PORT": "outbound.mta_sts_port",
 }
 _LIST_KEYS = {"dns.nameservers", "smtp.trusted_forwarders"}
 
@@ -144,6 +151,11 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         if not 0 <= port < 65536:
             raise ConfigError(f"setting 'listen.{name}' must be a port number, not {port}")
         ports[name] = port
+    if not 0 < flat.get("outbound.mta_sts_port", 443) < 65536:
+        raise ConfigError("setting 'outbound.mta_sts_port' must be a port number")
+    if "outbound.ca_file" in flat and not Path(flat["outbound.ca_file"]).is_file():
+        # Checked here, so the error names the key rather than surfacing as a traceback.
+        raise ConfigError(f"setting 'outbound.ca_file': no file {flat['outbound.ca_file']}")
     settings = Settings(
         data_dir=Path(flat["data_dir"]).expanduser(),
         directory_url=flat.get("directory.url", ""),
@@ -154,6 +166,8 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         tls_key=Path(flat["tls.key"]) if "tls.key" in flat else None,
         trusted_forwarders=[str(d).lower() for d in flat.get("smtp.trusted_forwarders", [])],
         outbound_port=int(flat.get("outbound.port", 25)),
+        outbound_ca_file=Path(flat["outbound.ca_file"]) if "outbound.ca_file" in flat else None,
+        mta_sts_port=int(flat.get("outbound.mta_sts_port", 443)),
     )
     if "hostname" in flat:
         settings.hostname = flat["hostname"]

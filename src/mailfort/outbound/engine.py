@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable
 
 from mailfort.dns import Resolver
 from mailfort.outbound import client, dsn
+from mailfort.outbound.policy import TLSReportSender
 from mailfort.outbound.queue import DELAY_WARNING_AFTER, GIVE_UP_AFTER, Queue, Recipient
+from mailfort.relay.tlspolicy import TLSPolicy
 
 log = logging.getLogger("mailfort.outbound")
 
@@ -35,6 +37,8 @@ class Engine:
         port: int = 25,
         concurrency: int = 20,
         poll: float = 1.0,
+        tls: TLSPolicy | None = None,  # None: opportunistic STARTTLS only
+        tls_reports: TLSReportSender | None = None,
     ) -> None:
         self.queue = queue
         self.resolver = resolver
@@ -42,6 +46,8 @@ class Engine:
         self.hostname = hostname
         self.port = port
         self.poll = poll
+        self.tls = tls
+        self.tls_reports = tls_reports
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -58,11 +64,15 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.tls_reports is not None:
+            await self.tls_reports.stop()
 
     async def _run(self) -> None:
         while True:
             try:
                 await self.run_once()
+                if self.tls_reports is not None:
+                    self.tls_reports.tick()  # starts its own task when a report is due
             except Exception:
                 log.exception("delivery round failed")
             # Other workers enqueue too and cannot wake us: poll as well.
@@ -92,6 +102,7 @@ class Engine:
                 message.body,
                 helo=self.hostname,
                 port=self.port,
+                tls=self.tls,
             )
             done = [r.id for r in recipients if outcomes[r.rcpt].delivered]
             if done:
