@@ -7,4 +7,4 @@ scripts/setup.sh --test
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src tests bench
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -n 2 -p no:cacheprovider -rfEs "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup -p no:cacheprovider -rfEs "$@"

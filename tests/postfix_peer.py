@@ -46,6 +46,8 @@ error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 virtual   unix  -       n       n       -       -       virtual
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -63,6 +65,7 @@ class PostfixMX:
         extra_domains: Sequence[str] = (),
         tls_chain: Path | None = None,
         sni_chains: Mapping[str, Path] | None = None,
+        relayhost: str = "",
     ) -> None:
         # Not under pytest's temp dirs: pytest resets their root to 0700 whenever a session
         # starts, and Postfix's daemons (postfix, nobody) must walk down to the queue and
@@ -76,6 +79,9 @@ class PostfixMX:
         self.extra_domains = list(extra_domains)
         self.tls_chain = tls_chain
         self.sni_chains = dict(sni_chains or {})
+        # Set ("[127.0.0.3]:2525"): relay everything from mynetworks there, as a submission
+        # relay would (bench/smtp_outbound.py's reference).
+        self.relayhost = relayhost
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -129,7 +135,7 @@ mydestination =
 inet_interfaces = loopback-only
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost =
+relayhost = {self.relayhost}
 alias_maps =
 alias_database =
 local_recipient_maps =

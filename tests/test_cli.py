@@ -172,3 +172,37 @@ def test_password_change_app_password_revoke_and_recovery(data_dir: Path) -> Non
         data_dir, "mailbox", "ls", "alice@example.test", "--password-stdin", stdin=new + "\n"
     )
     assert "Quarterly report" in listing.stdout
+
+
+def test_concurrent_deliveries_to_one_mailbox_all_succeed(data_dir: Path) -> None:
+    """Several MTA delivery agents at once share the spool file: none may fail with busy."""
+    import subprocess
+
+    from conftest import mailfort_cmd
+
+    run_cli(data_dir, "domain", "add", "example.test")
+    password = add_user(data_dir, "alice@example.test")
+    run_cli(data_dir, "alias", "add", "team@example.test", "alice@example.test")
+    procs = [
+        subprocess.Popen(
+            [*mailfort_cmd(), "--data-dir", str(data_dir), "deliver", "--to", "team@example.test"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(12)
+    ]
+    for n, proc in enumerate(procs):
+        assert proc.stdin is not None
+        proc.stdin.write(MESSAGE.replace(b"Quarterly report", f"parallel {n}".encode()))
+        proc.stdin.close()
+    results = [
+        (proc.wait(timeout=120), proc.stderr.read() if proc.stderr else b"") for proc in procs
+    ]
+    assert [code for code, _err in results] == [0] * 12, results
+    listing = run_cli(
+        data_dir, "mailbox", "ls", "alice@example.test", "--password-stdin", stdin=password + "\n"
+    )
+    assert sorted(line.split("\t")[3] for line in listing.stdout.splitlines()) == sorted(
+        f"parallel {n}" for n in range(12)
+    )

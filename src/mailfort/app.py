@@ -26,7 +26,7 @@ from mailfort.outbound import policy as outbound_policy
 from mailfort.outbound.engine import Engine
 from mailfort.outbound.queue import Queue
 from mailfort.smtp import listeners as smtp_listeners
-from mailfort.smtp.limits import SendingLimits
+from mailfort.smtp.limits import SendingLimits, SendingPolicy
 from mailfort.store.service import MailStore
 
 DEMO_DOMAIN = "example.test"
@@ -76,7 +76,7 @@ def build(settings: config.Settings, worker_index: int = 0) -> Services:
         store=MailStore(settings.data_dir),
         resolver=Resolver(settings.nameservers),
         queue=Queue(settings.data_dir, server_key),
-        limits=SendingLimits(),
+        limits=SendingLimits(SendingPolicy(**settings.sending_limits)),
         worker_index=worker_index,
     )
 

@@ -47,6 +47,7 @@ class Settings:
     trusted_forwarders: list[str] = field(default_factory=list)
     # The port outbound delivery connects to: 25 on the Internet; tests point it elsewhere.
     outbound_port: int = 25
+    sending_limits: dict[str, int] = field(default_factory=dict)
     # CA bundle for PKIX checks of MX certificates and MTA-STS policy hosts (RFC 8461
     # §3.3, §4.2); None is the system store. Tests give their own CA.
     outbound_ca_file: Path | None = None
@@ -62,6 +63,14 @@ class Settings:
             self.tls_key = self.data_dir / "tls" / "key.pem"
 
 
+# Per-user sending limits (smtp/limits.py); the defaults live in SendingPolicy.
+_LIMIT_NAMES = (
+    "messages_per_hour",
+    "messages_per_day",
+    "recipients_per_hour",
+    "recipients_per_day",
+)
+
 _SCHEMA: dict[str, dict[str, type]] = {
     "": {"data_dir": str, "hostname": str},
     "directory": {"url": str},
@@ -70,6 +79,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "tls": {"cert": str, "key": str},
     "smtp": {"trusted_forwarders": list},
     "outbound": {"port": int, "ca_file": str, "mta_sts_port": int},
+    "submission": {name: int for name in _LIMIT_NAMES},
 }
 
 # Environment overrides: the variable, and the TOML key it replaces.
@@ -82,6 +92,7 @@ _ENV = {
     "MAILFORT_OUTBOUND_PORT": "outbound.port",
     "MAILFORT_OUTBOUND_CA_FILE": "outbound.ca_file",
     "MAILFORT_MTA_STS_PORT": "outbound.mta_sts_port",
+    **{f"MAILFORT_SUBMISSION_{name.upper()}": f"submission.{name}" for name in _LIMIT_NAMES},
 }
 _LIST_KEYS = {"dns.nameservers", "smtp.trusted_forwarders"}
 
@@ -166,6 +177,9 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         tls_key=Path(flat["tls.key"]) if "tls.key" in flat else None,
         trusted_forwarders=[str(d).lower() for d in flat.get("smtp.trusted_forwarders", [])],
         outbound_port=int(flat.get("outbound.port", 25)),
+        sending_limits={
+            n: int(flat[f"submission.{n}"]) for n in _LIMIT_NAMES if f"submission.{n}" in flat
+        },
         outbound_ca_file=Path(flat["outbound.ca_file"]) if "outbound.ca_file" in flat else None,
         mta_sts_port=int(flat.get("outbound.mta_sts_port", 443)),
     )

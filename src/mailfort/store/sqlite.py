@@ -14,6 +14,7 @@ from pathlib import Path
 import apsw
 
 CIPHER = "chacha20"
+_BUSY_MS = 30_000
 
 
 class WrongKey(Exception):
@@ -27,7 +28,6 @@ def _tune(con: apsw.Connection, cache_kib: int) -> None:
     con.pragma("foreign_keys", 1)
     con.pragma("cache_size", -cache_kib)
     con.pragma("temp_store", "memory")  # temporary tables never touch disk in the clear
-    con.setbusytimeout(30_000)
 
 
 def open_encrypted(
@@ -39,6 +39,9 @@ def open_encrypted(
         raise FileNotFoundError(path)
     flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
     con = apsw.Connection(str(path), flags=flags)
+    # Before anything touches the file: another process (a second `mailfort deliver`, a
+    # worker) may hold the lock, and the key probe and journal_mode both need it.
+    con.setbusytimeout(_BUSY_MS)
     try:
         con.pragma("cipher", CIPHER)
         con.pragma("key", f"x'{key.hex()}'")
@@ -54,6 +57,7 @@ def open_encrypted(
 
 def open_plain(path: Path, *, cache_kib: int = 2048) -> apsw.Connection:
     con = apsw.Connection(str(path))
+    con.setbusytimeout(_BUSY_MS)
     _tune(con, cache_kib)
     restrict(path)
     return con

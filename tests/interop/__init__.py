@@ -1,0 +1,1 @@
+"""Helpers for the interoperability tests: real mail clients and a private Dovecot."""
