@@ -25,6 +25,8 @@ apt_install() {
     echo "setup: cannot run apt-get (not root, no sudo); tests needing ${missing[*]} will skip" >&2
     return 0
   }
+  # Postfix is a test peer run from private configs: keep Debian from configuring a system MTA.
+  echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections 2>/dev/null || true
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 

@@ -91,7 +91,10 @@ class MailStore:
             filed = await mailbox.deliver(delivery)
             self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
             return
-        spool = self._spool(rcpt.mailbox_id)
+        with self._lock:
+            spool = self._spools.get(rcpt.mailbox_id)
+        if spool is None:  # opening a file may wait on another process's lock: off the loop
+            spool = await asyncio.to_thread(self._spool, rcpt.mailbox_id)
         epoch, blob = await asyncio.to_thread(spool.seal, rcpt.public_keys, delivery)
         await spool.committer.run(lambda con: Spool.insert(con, epoch, blob))
         self.events.publish(NewMail(rcpt.mailbox_id, None))

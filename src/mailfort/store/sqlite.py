@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import apsw
@@ -21,9 +22,27 @@ class WrongKey(Exception):
     """The file does not open with this key (or is not a mailbox)."""
 
 
+def _wal(con: apsw.Connection) -> None:
+    """Switch to WAL, retrying while another process does the same to a new file.
+
+    SQLite does not call the busy handler for this pragma, so two processes opening a
+    brand-new spool at once (workers, `mailfort deliver`) saw BusyError at once; it only
+    lasts as long as the other side's switch.
+    """
+    deadline = time.monotonic() + _BUSY_MS / 1000
+    while True:
+        try:
+            con.pragma("journal_mode", "wal")
+            return
+        except apsw.BusyError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _tune(con: apsw.Connection, cache_kib: int) -> None:
     # One pragma per call: apsw runs multi-statement text lazily (stack-notes).
-    con.pragma("journal_mode", "wal")
+    _wal(con)
     con.pragma("synchronous", "full")  # fsync at every commit: durability before 250
     con.pragma("foreign_keys", 1)
     con.pragma("cache_size", -cache_kib)
