@@ -103,6 +103,17 @@ def _now() -> int:
     return int(time.time())
 
 
+def address_owned(owned: set[str], address: str) -> bool:
+    """Plus-tags and case do not matter: ``Alice+news@Example.test`` is alice's."""
+    local, _, domain = address.strip().rpartition("@")
+    try:
+        domain = normalise_domain(domain)
+    except AddressError:
+        return False
+    base, _tag = split_plus(local.lower())
+    return f"{base}@{domain}" in owned
+
+
 def make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -496,14 +507,7 @@ class Directory:
         return own
 
     def may_send_as(self, user: User, address: str) -> bool:
-        """Plus-tags and case do not matter: ``Alice+news@Example.test`` is alice's."""
-        local, _, domain = address.strip().rpartition("@")
-        try:
-            domain = normalise_domain(domain)
-        except AddressError:
-            return False
-        base, _tag = split_plus(local.lower())
-        return f"{base}@{domain}" in self.sendable_addresses(user)
+        return address_owned(self.sendable_addresses(user), address)
 
     def route(self, address: str) -> Route:
         """Where mail for ``address`` goes: exact user, plus-tag, exact alias, then catch-all."""

@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import logging
 import os
+import time
 from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,14 @@ from aiosmtpd.smtp import MISSING, AuthResult
 
 from mailfort.auth.dkimsign import sign
 from mailfort.delivery import recipient
-from mailfort.directory.service import AuthFailed, Directory, RouteKind, User
+from mailfort.directory.service import (
+    AuthFailed,
+    Directory,
+    RouteKind,
+    SigningKey,
+    User,
+    address_owned,
+)
 from mailfort.mail import parse_message
 from mailfort.outbound.queue import Queue
 from mailfort.smtp import hygiene
@@ -105,6 +113,26 @@ class SubmissionHandler(EhloExtensions):
         self.limits = limits
         self.hostname = hostname
         self.wake = wake
+        self._keys: dict[str, tuple[float, list[SigningKey]]] = {}
+
+    async def _may_send_as(self, session: Any, user: User, address: str) -> bool:
+        # The user's addresses are looked up once per session: a client sends many messages
+        # over one authenticated connection, and an alias change applies from the next one.
+        owned: set[str] | None = getattr(session, "mailfort_owned", None)
+        if owned is None:
+            owned = await asyncio.to_thread(self.directory.sendable_addresses, user)
+            session.mailfort_owned = owned
+        return address_owned(owned, address)
+
+    async def _signing_keys(self, domain: str) -> list[SigningKey]:
+        """Unsealed keys per domain for a minute: a rotation takes effect within it."""
+        now = time.monotonic()
+        cached = self._keys.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        keys = await asyncio.to_thread(self.directory.signing_keys, domain)
+        self._keys[domain] = (now + 60, keys)
+        return keys
 
     async def authenticate(self, login: bytes, password: bytes) -> User | None:
         try:
@@ -130,7 +158,7 @@ class SubmissionHandler(EhloExtensions):
         user: User = session.auth_data
         if not address or not hygiene.valid_mailbox(address):
             return "501 5.1.7 Bad sender address syntax"
-        allowed = await asyncio.to_thread(self.directory.may_send_as, user, address)
+        allowed = await self._may_send_as(session, user, address)
         if not allowed:
             return "553 5.7.1 Sender address not owned by the authenticated user"
         refusal = self.limits.message(str(user.address))
@@ -174,12 +202,12 @@ class SubmissionHandler(EhloExtensions):
         if not from_addrs:
             return "550 5.6.0 A From header is required (RFC 5322 §3.6)"
         for address in from_addrs:
-            if not await asyncio.to_thread(self.directory.may_send_as, state.user, address):
+            if not await self._may_send_as(session, state.user, address):
                 return "553 5.7.1 From address not owned by the authenticated user"
         message = _complete(raw, self.hostname, from_addrs[0])
         domain = from_addrs[0].rpartition("@")[2].lower()
         try:
-            keys = await asyncio.to_thread(self.directory.signing_keys, domain)
+            keys = await self._signing_keys(domain)
         except Exception:
             log.exception("no DKIM keys for a sending domain")
             keys = []
