@@ -74,7 +74,7 @@ def build(settings: config.Settings, worker_index: int = 0) -> Services:
         settings=settings,
         directory=Directory.open(settings.directory_url, server_key),
         store=MailStore(settings.data_dir),
-        resolver=Resolver(settings.nameservers),
+        resolver=Resolver(settings.nameservers, cache=True),
         queue=Queue(settings.data_dir, server_key),
         limits=SendingLimits(SendingPolicy(**settings.sending_limits)),
         worker_index=worker_index,
