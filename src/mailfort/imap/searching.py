@@ -5,14 +5,16 @@ read only what the program needs.  Flags, dates, sizes and MODSEQ come from the 
 table; FROM/TO/CC/BCC/SUBJECT from the per-message summaries; other header fields from
 the message's header block, read on demand.
 
-BODY and TEXT use the FTS5 index (``content_text``: subject and decoded text parts):
-the search string is looked up as a phrase whose last word may be a prefix, as Dovecot
-does with its full-text plugins.  A string that is only punctuation falls back to a
-substring scan of the indexed text.  A substring inside a word ("umber" in "numbers")
-is therefore not found by BODY/TEXT; header keys are true substring matches.
-TEXT also matches the indexed header fields (subject, addresses).  When the whole
-program is an AND, its BODY/TEXT and UID keys narrow the candidates before any other
-row is read.
+BODY and TEXT are case-insensitive substring matches (RFC 9051 §6.4.4): BODY over the
+decoded text of the text parts, TEXT over that and every header field (names and decoded
+values).  The FTS5 index (``content_text``: subject and decoded text parts) only narrows
+the candidates (:meth:`Mailbox.substring_candidates`: whole words, word prefixes, and
+word ends or middles looked up in the index's vocabulary); each candidate's text is then
+checked for the substring itself, all in one query (:meth:`Mailbox.body_containing`).
+When the index cannot narrow soundly (a needle without letters or digits, a non-ASCII
+word that may start mid-token, a fragment found in too many terms) the whole folder's
+text is scanned that way.  When the whole program is an AND, its BODY and UID keys
+narrow the candidates before any other row is read.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class SearchPlan:
         self.sel = sel
         self.criteria = criteria
         self._fts: dict[str, set[int] | None] = {}
+        self._body: dict[str, set[int]] = {}
         columns = ["flags", "internal_date", "modseq"]
         for key in _walk(criteria):
             need: list[str] = []
@@ -74,10 +77,20 @@ class SearchPlan:
 
     # -- full text ----------------------------------------------------------------------
 
-    def fts(self, needle: str) -> set[int] | None:
+    def candidates(self, needle: str) -> set[int] | None:
+        """A superset of the UIDs whose subject or body contains ``needle`` (case-folded),
+        or None: every message is a candidate."""
         if needle not in self._fts:
-            self._fts[needle] = self.mailbox.fts_uids(self.sel.folder_id, needle)
+            self._fts[needle] = self.mailbox.substring_candidates(self.sel.folder_id, needle)
         return self._fts[needle]
+
+    def body_hits(self, needle: str) -> set[int]:
+        """The UIDs whose body text contains ``needle`` (case-folded): the index's
+        candidates (or every message of the view) checked in one pass."""
+        if needle not in self._body:
+            pool = self.candidates(needle)  # None: the whole folder
+            self._body[needle] = self.mailbox.body_containing(self.sel.folder_id, pool, needle)
+        return self._body[needle]
 
     def _narrowing(self) -> set[int] | None:
         """UIDs an AND program can only match within, from its FTS and UID keys."""
@@ -87,7 +100,7 @@ class SearchPlan:
         for key in keys:
             hits: set[int] | None = None
             if isinstance(key, c.SearchText) and not key.headers and key.value:
-                hits = self.fts(key.value.casefold())
+                hits = self.body_hits(key.value.casefold())
             elif (
                 isinstance(key, c.SearchHeader)
                 and key.value
@@ -186,18 +199,32 @@ class SearchMessage:
         return [decode_header(v) for n, v in self._raw_headers() if n == wanted]
 
     def contains_text(self, needle: str, *, headers: bool) -> bool:
+        """``needle`` (case-folded) in the body text, or for TEXT also in the header."""
         if not needle:
             return True
-        hits = self.plan.fts(needle)
-        if hits is None:
-            text = self.plan.mailbox.message_text(int(self._col("content_id")))
-            if needle in text.casefold():
-                return True
-        elif self.uid in hits:
+        if self.uid in self.plan.body_hits(needle):
             return True
         if headers:
             for column in _TEXT_HEADERS:
                 value = self._col(column)
                 if value is not None and needle in str(value).casefold():
                     return True
+            return self._header_contains(needle)
+        return False
+
+    def _header_contains(self, needle: str) -> bool:
+        """``needle`` in a header field, as ``name: decoded value`` (TEXT)."""
+        head = self.plan.mailbox.content_head(int(self._col("content_id")))
+        # Without encoded words a decoded field is its raw bytes unfolded: a needle absent
+        # from the unfolded block is in no field (the common case, decided undecoded).
+        plain = needle.isascii() and ":" not in needle and head.isascii() and b"=?" not in head
+        if plain and needle.encode() not in head.replace(b"\r", b"").replace(b"\n", b"").lower():
+            return False
+        if self._headers is None:
+            msg = parse_message(head)
+            self._headers = [(h.lname, h.value) for h in iter_headers(head, 0, msg.root.header_end)]
+        for name, value in self._headers:
+            field = name.decode("ascii", "replace") + ": " + decode_header(value)
+            if needle in field.casefold():
+                return True
         return False

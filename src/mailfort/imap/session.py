@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+import weakref
 from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,62 @@ class Selected:
         return len(self.uids) - bisect.bisect_left(self.uids, self.recent_from)
 
 
+# Command type -> handler method name: one table for all sessions, not a dict of bound
+# methods per connection (an idle connection should cost as little as possible).
+_HANDLERS: dict[type, str] = {
+    c.Noop: "_noop",
+    c.Check: "_noop",
+    c.Logout: "_logout",
+    c.StartTLS: "_starttls",
+    c.Login: "_login",
+    c.Authenticate: "_authenticate",
+    c.Select: "_select",
+    c.Create: "_create",
+    c.Delete: "_delete",
+    c.Rename: "_rename",
+    c.Subscribe: "_subscribe",
+    c.Unsubscribe: "_subscribe",
+    c.List: "_list",
+    c.Lsub: "_lsub",
+    c.Namespace: "_namespace",
+    c.Status: "_status",
+    c.Append: "_append",
+    c.Idle: "_idle",
+    c.Close: "_close",
+    c.Unselect: "_close",
+    c.Expunge: "_expunge",
+    c.UidExpunge: "_expunge",
+    c.Search: "_search",
+    c.Fetch: "_fetch",
+    c.Store: "_store",
+    c.Copy: "_copy",
+    c.Move: "_copy",
+    c.Id: "_id",
+    c.GetQuota: "_getquota",
+    c.GetQuotaRoot: "_getquota",
+    c.SetQuota: "_setquota",
+    c.Compress: "_compress",
+}
+
+
+#: UID maps of selected folders, shared by the sessions whose views are equal (a client's
+#: several connections, many IDLE connections on one INBOX, or any two folders holding
+#: the same UIDs): 40 KB per 10,000 messages held once, not per session.  Sessions never
+#: change an array in place (they replace it), so sharing equal contents is safe.
+_UID_MAPS: weakref.WeakValueDictionary[tuple[int, int], array[int]] = weakref.WeakValueDictionary()
+
+
+def _shared_uids(uids: array[int]) -> array[int]:
+    if len(uids) < 64:
+        return uids
+    key = (len(uids), hash(uids.tobytes()))
+    known = _UID_MAPS.get(key)
+    if known is not None and known == uids:
+        return known
+    _UID_MAPS[key] = uids
+    return uids
+
+
 class CommandFailed(Exception):
     """Ends a command with a tagged NO or BAD."""
 
@@ -108,6 +165,8 @@ class CommandFailed(Exception):
 class Session:
     """One IMAP client session over :class:`MailAccess` (see the module docstring)."""
 
+    __slots__ = ("access", "conn", "idling", "must_close", "out", "peer_ip", "sel", "shared")
+
     def __init__(self, access: MailAccess, conn: ImapConnection, out: Output, peer_ip: str) -> None:
         self.access = access
         self.conn = conn
@@ -118,40 +177,6 @@ class Session:
         self.idling: c.Idle | None = None
         #: Set when the session must end after the current output (mailbox deleted).
         self.must_close = False
-        self._handlers: dict[type, Callable[[Any], Awaitable[None]]] = {
-            c.Noop: self._noop,
-            c.Check: self._noop,
-            c.Logout: self._logout,
-            c.StartTLS: self._starttls,
-            c.Login: self._login,
-            c.Authenticate: self._authenticate,
-            c.Select: self._select,
-            c.Create: self._create,
-            c.Delete: self._delete,
-            c.Rename: self._rename,
-            c.Subscribe: self._subscribe,
-            c.Unsubscribe: self._subscribe,
-            c.List: self._list,
-            c.Lsub: self._lsub,
-            c.Namespace: self._namespace,
-            c.Status: self._status,
-            c.Append: self._append,
-            c.Idle: self._idle,
-            c.Close: self._close,
-            c.Unselect: self._close,
-            c.Expunge: self._expunge,
-            c.UidExpunge: self._expunge,
-            c.Search: self._search,
-            c.Fetch: self._fetch,
-            c.Store: self._store,
-            c.Copy: self._copy,
-            c.Move: self._copy,
-            c.Id: self._id,
-            c.GetQuota: self._getquota,
-            c.GetQuotaRoot: self._getquota,
-            c.SetQuota: self._setquota,
-            c.Compress: self._compress,
-        }
 
     # ---- plumbing ------------------------------------------------------------------
 
@@ -190,10 +215,11 @@ class Session:
             await self._sasl_plain(event.command, event.data)
 
     async def run(self, cmd: c.Command) -> None:
-        handler = self._handlers.get(type(cmd))
+        name = _HANDLERS.get(type(cmd))
         try:
-            if handler is None:  # the core answers CAPABILITY and ENABLE itself
+            if name is None:  # the core answers CAPABILITY and ENABLE itself
                 raise CommandFailed("Command not supported", bad=True)
+            handler: Callable[[Any], Awaitable[None]] = getattr(self, name)
             await handler(cmd)
         except CommandFailed as exc:
             status = r.Status.BAD if exc.bad else r.Status.NO
@@ -269,7 +295,8 @@ class Session:
                 item += f" MODSEQ ({modseq})"
             changed.append(item.encode() + b")\r\n")
         if new:
-            sel.uids.extend(new)
+            # Copy on write: the array may be shared with other sessions (_shared_uids).
+            sel.uids = sel.uids + array("I", new)
             out.append(b"* %d EXISTS\r\n" % len(sel.uids))
             if rev1:
                 out.append(b"* %d RECENT\r\n" % sel.recent_count())
@@ -415,7 +442,7 @@ class Session:
         mbx = self.mailbox
         # The folder row first, then the UIDs: a message arriving in between is then
         # reported again as a flag change (harmless), never missed.
-        uids = mbx.uid_list(folder.id)
+        uids = _shared_uids(mbx.uid_list(folder.id))
         s = self.conn.session
         sel = Selected(
             folder.id,

@@ -22,6 +22,8 @@ class ProtocolError(Exception):
 
 
 class StreamIO:
+    __slots__ = ("_deflate", "_inflate", "_pending", "closed", "reader", "tls_context", "writer")
+
     def __init__(
         self,
         reader: asyncio.StreamReader,

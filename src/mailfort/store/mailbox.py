@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from array import array
 from collections.abc import Iterable, Sequence
@@ -675,28 +676,129 @@ class Mailbox:
 
     def message_text(self, content_id: int) -> str:
         """The indexed plain text of a message (slow path for searches FTS cannot serve)."""
+        meta = self._meta_json(content_id)
+        return f"{meta.get('subject') or ''}\n{meta.get('text') or ''}"
+
+    def body_text(self, content_id: int) -> str:
+        """The decoded text of a message's text parts, without the subject (SEARCH BODY)."""
+        return str(self._meta_json(content_id).get("text") or "")
+
+    def _meta_json(self, content_id: int) -> dict[str, Any]:
         row: list[Any] = self.reader.execute(
             "SELECT meta FROM contents WHERE id = ?", (content_id,)
         ).fetchall()
         if not row:
-            return ""
-        meta = json.loads(bytes(row[0][0]))
-        return f"{meta.get('subject') or ''}\n{meta.get('text') or ''}"
+            return {}
+        meta: dict[str, Any] = json.loads(bytes(row[0][0]))
+        return meta
 
-    def fts_uids(self, folder_id: int, needle: str) -> set[int] | None:
-        """UIDs whose subject or body text holds ``needle`` as a phrase, its last word as a
-        prefix; None if the needle has no word for the index to look up."""
-        if not any(ch.isalnum() for ch in needle):
-            return None
-        # FTS5 tokenises the quoted string itself, with the table's tokenizer; the "*"
-        # makes the last token a prefix ("quart" finds "quarterly").
-        query = '"' + needle.replace('"', '""') + '" *'
+    def body_containing(self, folder_id: int, uids: Iterable[int] | None, needle: str) -> set[int]:
+        """Those of ``uids`` (None: all of the folder) whose decoded body text (not the
+        subject) contains ``needle`` (already case-folded), read in one query."""
+        where = ""
+        if uids is not None:
+            wanted = sorted(uids)
+            if not wanted:
+                return set()
+            where = f" AND m.uid IN ({','.join(str(int(u)) for u in wanted)})"
+        # The metadata is ASCII JSON: printable ASCII stands for itself, other characters
+        # are escaped.  A plain needle absent from the lower-cased JSON of a message with
+        # no \\u escape (a character that might fold into it) is not in its text: that
+        # message is settled without parsing.
+        plain = needle.encode() if _PLAIN_NEEDLE.fullmatch(needle) else None
+        out: set[int] = set()
+        rows = self.reader.execute(
+            "SELECT m.uid, c.meta FROM messages m JOIN contents c ON c.id = m.content_id"
+            f" WHERE m.folder_id = ?{where}",
+            (folder_id,),
+        )
+        for uid, meta in rows:
+            raw = bytes(meta)
+            if plain is not None and plain not in raw.lower() and b"\\u" not in raw:
+                continue
+            text = json.loads(raw).get("text") or ""
+            if needle in text.casefold():
+                out.add(int(uid))
+        return out
+
+    def _fts_query(self, folder_id: int, query: str) -> set[int]:
         rows = self.reader.execute(
             "SELECT m.uid FROM content_text t JOIN messages m ON m.content_id = t.rowid"
             " WHERE content_text MATCH ? AND m.folder_id = ?",
             (query, folder_id),
         )
         return {int(r[0]) for r in rows}
+
+    def substring_candidates(self, folder_id: int, needle: str) -> set[int] | None:
+        """A superset of the UIDs whose subject or body text contains ``needle`` (already
+        case-folded) as a substring, from the FTS5 index; None when the index cannot
+        narrow the search soundly (the caller then scans).
+
+        The needle's words (runs of letters and digits) map onto the index's tokens:
+        a word with a separator on both sides is a whole token, one that ends the needle
+        may be a token's prefix (``"w"*``), and one that starts the needle may be the end
+        (or, alone, the middle) of a token, so it is looked up in the index's vocabulary
+        (ASCII words only: the vocabulary is folded and stripped of diacritics by the
+        tokenizer, which Python does not reproduce exactly).  The tokenizer folds case
+        one character at a time, so texts with a term holding a character whose full
+        case folding is longer (``ß`` is "ss") are always candidates.
+        """
+        if any(not ch.isascii() and not ch.isalnum() for ch in needle):
+            return None  # combining marks, non-ASCII punctuation: the tokenizer may differ
+        words = _needle_words(needle)
+        if not words:
+            return None
+        first, start_open, end_open = words[0]
+        rest = words[1:] if start_open else words
+        word = first if start_open and first.isascii() else None
+        vocab = self._vocab_terms(word, inside=end_open)
+        if vocab is None:
+            return None
+        word_terms, folding_terms = vocab
+        if word is not None and not word_terms:
+            query = ""  # only a text matching through a longer case folding can hold it
+        else:
+            parts = ["(" + " OR ".join(_fts_quote(t) for t in word_terms) + ")"] if word else []
+            if rest:
+                phrase = " ".join(w for w, _, _ in rest)
+                parts.append(_fts_quote(phrase) + (" *" if rest[-1][2] else ""))
+            if not parts:
+                return None
+            query = " AND ".join(parts)
+        if folding_terms:
+            extra = " OR ".join(_fts_quote(t) for t in folding_terms)
+            query = f"({query}) OR {extra}" if query else extra
+        return self._fts_query(folder_id, query) if query else set()
+
+    _VOCAB_LIMIT = 256
+
+    def _vocab_terms(self, word: str | None, *, inside: bool) -> tuple[list[str], list[str]] | None:
+        """Index terms that end with ``word`` (or contain it, ``inside``), and terms with a
+        character whose case folding is longer; None if too many for one query."""
+        self.reader.execute(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS temp.content_vocab"
+            " USING fts5vocab(main, content_text, row)"
+        )
+        folding = "*[" + _FOLD_EXPANDING + "]*"
+        if word is None:
+            sql = "SELECT term, 0 FROM temp.content_vocab WHERE term GLOB ?1 LIMIT ?2"
+            args: tuple[Any, ...] = (folding, self._VOCAB_LIMIT + 1)
+        else:
+            if inside:
+                match = "instr(term, ?3) > 0"
+                arg = word
+            else:
+                match = "term LIKE ?3 ESCAPE '\\'"
+                arg = "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            sql = (
+                f"SELECT term, {match} FROM temp.content_vocab"
+                f" WHERE {match} OR term GLOB ?1 LIMIT ?2"
+            )
+            args = (folding, self._VOCAB_LIMIT + 1, arg)
+        rows = self.reader.execute(sql, args).fetchall()
+        if len(rows) > self._VOCAB_LIMIT:
+            return None
+        return [str(t) for t, m in rows if m], [str(t) for t, m in rows if not m]
 
     # ---- folder writes ------------------------------------------------------------------
 
@@ -1146,3 +1248,43 @@ class CopyResult:
     uidvalidity: int  # of the destination
     source: list[int]
     dest: list[int]
+
+
+#: Characters whose full case folding is longer than one character ("ß" is "ss"): the
+#: index folds one character at a time, so a term holding one is always a candidate.
+_FOLD_EXPANDING = "".join(
+    sorted(
+        {
+            f
+            for c in map(chr, range(0x80, 0x10000))
+            if len(c.casefold()) > 1
+            for f in (c, c.lower())
+            if len(f) == 1 and not f.isascii()
+        }
+    )
+)
+
+
+#: A needle of printable ASCII that JSON writes as itself (no quote, no backslash).
+_PLAIN_NEEDLE = re.compile(r"[ !#-\[\]-~]+")
+
+
+def _fts_quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+def _needle_words(needle: str) -> list[tuple[str, bool, bool]]:
+    """The runs of letters and digits of ``needle``, each with whether it touches the
+    needle's start and end (so may continue into the surrounding text)."""
+    out: list[tuple[str, bool, bool]] = []
+    i, n = 0, len(needle)
+    while i < n:
+        if not needle[i].isalnum():
+            i += 1
+            continue
+        j = i
+        while j < n and needle[j].isalnum():
+            j += 1
+        out.append((needle[i:j], i == 0, j == n))
+        i = j
+    return out
