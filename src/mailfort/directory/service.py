@@ -7,10 +7,14 @@ and wrapped keys) and public delivery keys.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import secrets as pysecrets
+import sqlite3
+import threading
 import time
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -153,13 +157,66 @@ class Directory:
         # create or use DKIM keys.
         self.server_key = server_key
         t.migrate(engine)
+        self._changes = 0  # bumped after every write transaction made through this object
+        self._watch_lock = threading.Lock()
+        self._watch: sqlite3.Connection | None = None
+        self._watch_path: str | None = None
+        if engine.dialect.name == "sqlite":
+            path = engine.url.database
+            if path and path != ":memory:" and not path.startswith("file:"):
+                self._watch_path = path
 
     @classmethod
     def open(cls, url: str, server_key: ServerKey | None = None) -> Directory:
         return cls(make_engine(url), server_key)
 
     def close(self) -> None:
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
         self.engine.dispose()
+
+    # ---- change tracking -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """A write transaction; the change counter moves once it has ended."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        finally:
+            self._changes += 1
+
+    def change_marker(self) -> Hashable | None:
+        """A value that differs after any committed change to the directory, or None.
+
+        Cheap enough to call per SMTP command (a few µs). It combines this object's own
+        write counter with SQLite's ``PRAGMA data_version`` read on a private connection,
+        which moves whenever any other connection, in this process or another (``mailfort
+        user add`` and ``remove`` run as separate processes), commits to the file. Read it
+        *before* a lookup and file the result under it: a change committed after the read
+        then shows as a new marker. None means no such marker is available (PostgreSQL, an
+        in-memory or URI database, an unreadable file): do not cache.
+        """
+        if self._watch_path is None:
+            return None
+        with self._watch_lock:
+            try:
+                if self._watch is None:
+                    # timeout 0: never block the event loop on a lock; no marker instead.
+                    self._watch = sqlite3.connect(
+                        f"file:{urllib.parse.quote(self._watch_path)}?mode=rw",
+                        uri=True,
+                        timeout=0,
+                        isolation_level=None,
+                        check_same_thread=False,
+                    )
+                # fetchall: step the statement to its end so no read transaction stays open.
+                version = self._watch.execute("PRAGMA data_version").fetchall()[0][0]
+            except sqlite3.Error:
+                return None
+        return (self._changes, version)
 
     # ---- domains -------------------------------------------------------------------------
 
@@ -172,7 +229,7 @@ class Directory:
         domain = self._domain_name(name)
         keys = self._new_dkim_pair(set()) if self.server_key is not None else []
         try:
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 domain_id = conn.execute(
                     t.domains.insert().values(name=domain, created_at=_now())
                 ).inserted_primary_key[0]  # type: ignore[index]
@@ -258,7 +315,7 @@ class Directory:
                 ).scalars()
             )
         keys = self._new_dkim_pair(taken)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 t.dkim_keys.update()
                 .where((t.dkim_keys.c.domain_id == domain_id) & t.dkim_keys.c.retired_at.is_(None))
@@ -273,7 +330,7 @@ class Directory:
 
     def remove_domain(self, name: str) -> None:
         domain = self._domain_name(name)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             domain_id = self._domain_id(conn, domain)
             for table, what in ((t.users, "users"), (t.aliases, "aliases")):
                 count = conn.execute(
@@ -305,7 +362,7 @@ class Directory:
             (create_slot(SlotKind.RECOVERY, recovery, secrets, owner), "recovery"),
         ]
         pub = secrets.public_keys()
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             domain_id = self._domain_id(conn, addr.domain)
             if self._alias_id(conn, domain_id, addr.local) is not None:
                 raise DirectoryError(f"{addr} is already an alias")
@@ -344,7 +401,7 @@ class Directory:
 
     def remove_user(self, address: str) -> User:
         addr = self._local(address)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             user = self._find_user(conn, addr)
             if user is None:
                 raise DirectoryError(f"no such user: {addr}")
@@ -381,7 +438,7 @@ class Directory:
             check_password_strength(new_password, unlocked.user.address.local)
         owner = unlocked.user.mailbox_id.encode()
         slot = create_slot(SlotKind.PASSWORD, new_password, unlocked.secrets, owner)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 t.key_slots.delete().where(
                     (t.key_slots.c.user_id == unlocked.user.id)
@@ -401,7 +458,7 @@ class Directory:
         slot = create_slot(
             SlotKind.APP, secret, unlocked.secrets, unlocked.user.mailbox_id.encode()
         )
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             self._insert_slot(conn, unlocked.user.id, slot, label)
         return secret
 
@@ -426,7 +483,7 @@ class Directory:
             raise DirectoryError(f"no app password {which!r} for {address}")
         if len(matches) > 1:
             raise DirectoryError(f"several app passwords are labelled {which!r}; revoke by id")
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(t.key_slots.delete().where(t.key_slots.c.id == matches[0].id))
         return matches[0]
 
@@ -440,7 +497,7 @@ class Directory:
             raise DirectoryError("an alias needs at least one target")
         if len(target_list) > MAX_ALIAS_TARGETS:
             raise DirectoryError(f"an alias forwards to at most {MAX_ALIAS_TARGETS} targets")
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             domain_id = self._domain_id(conn, addr.domain)
             hosted = set(conn.execute(sa.select(t.domains.c.name)).scalars())
             clean: list[str] = []
@@ -480,7 +537,7 @@ class Directory:
     def remove_alias(self, alias: str) -> None:
         local, _, domain = alias.strip().rpartition("@")
         addr = Address("*", normalise_domain(domain)) if local == "*" else self._local(alias)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             domain_id = self._domain_id(conn, addr.domain)
             alias_id = self._alias_id(conn, domain_id, addr.local)
             if alias_id is None:

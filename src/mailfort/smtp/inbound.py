@@ -13,13 +13,14 @@ import asyncio
 import email.utils
 import logging
 import os
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailfort.auth import authenticate
 from mailfort.delivery import recipient
-from mailfort.directory.service import Directory, RouteKind, User
+from mailfort.directory.service import Directory, Route, RouteKind, User
 from mailfort.dns import Resolver
 from mailfort.smtp import hygiene
 from mailfort.smtp.server import EhloExtensions
@@ -28,6 +29,7 @@ from mailfort.store.service import MailStore
 log = logging.getLogger("mailfort.smtp.inbound")
 
 MAX_RECIPIENTS = 50
+ROUTE_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -62,6 +64,29 @@ class InboundHandler(EhloExtensions):
         self.store = store
         self.resolver = resolver
         self.policy = policy
+        # Per worker: RCPT answers by address, valid while the directory's change marker
+        # stays what it was when they were looked up (see Directory.change_marker).
+        self._routes: OrderedDict[str, Route] = OrderedDict()
+        self._routes_marker: Hashable | None = None
+
+    async def _route(self, address: str) -> Route:
+        marker = self.directory.change_marker()  # before the lookup: see its docstring
+        if marker is None:
+            return await asyncio.to_thread(self.directory.route, address)
+        if marker != self._routes_marker:
+            self._routes.clear()
+            self._routes_marker = marker
+        route = self._routes.get(address)
+        if route is not None:
+            self._routes.move_to_end(address)
+            return route
+        route = await asyncio.to_thread(self.directory.route, address)
+        # Another RCPT may have seen a newer marker meanwhile: this answer may predate it.
+        if self._routes_marker == marker:
+            self._routes[address] = route
+            if len(self._routes) > ROUTE_CACHE_SIZE:
+                self._routes.popitem(last=False)
+        return route
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
@@ -81,7 +106,7 @@ class InboundHandler(EhloExtensions):
         if refusal:
             return refusal
         try:
-            route = await asyncio.to_thread(self.directory.route, address)
+            route = await self._route(address)
         except Exception:
             log.exception("directory lookup failed")
             return "451 4.3.0 Temporary lookup failure, try again later"
@@ -101,7 +126,7 @@ class InboundHandler(EhloExtensions):
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw: bytes = envelope.original_content
-        if hygiene.has_bare_line_end(raw):
+        if hygiene.has_bare_line_end(raw):  # also makes the store's CRLF pass a no-op
             return "550 5.5.2 Message contains bare CR or LF line ends; use CRLF"
         if hygiene.received_count(raw) > hygiene.MAX_RECEIVED:
             return "554 5.4.6 Too many Received headers: mail loop"

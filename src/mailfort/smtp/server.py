@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import re
+import socket
 import ssl
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
+import aiosmtpd
+from aiosmtpd import smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP
 
 from mailfort.smtp.codes import with_enhanced_code
@@ -50,6 +58,61 @@ class ConnectionTable:
         return {t for t in transports if not t.is_closing()}
 
 
+# The aiosmtpd release whose SMTP.__init__ _fast_init mirrors; any other takes the slow path.
+_AIOSMTPD_MIRRORED = "1.4.6"
+
+# A plain envelope address in angle brackets: dot-atom local part, dot-atom domain, ASCII.
+# For these, email's get_angle_addr returns the address unchanged; anything else (quoted
+# local parts, source routes, comments, domain literals, UTF-8) goes to aiosmtpd's parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ANGLE_ADDR = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
+    # email's parser drops the white space after ">" (not a comment: those go to it)
+    r"(?:[ \t]+([\x21-\x27\x29-\x7e][\x21-\x7e \t]*)?)?"
+)
+
+
+@dataclass(frozen=True)
+class _MethodTables:
+    """What aiosmtpd's SMTP.__init__ finds by introspection, by attribute name."""
+
+    auth: tuple[tuple[str, str, bool], ...]  # (mechanism, attribute, on the protocol)
+    hooks: tuple[tuple[str, str], ...]  # (command, handler attribute)
+    smtp: tuple[tuple[str, str], ...]  # (command, protocol attribute)
+    ehlo_hook_ver: str | None
+
+
+def _method_tables(cls: type[SMTP], handler: Any) -> _MethodTables:
+    """The introspection of aiosmtpd 1.4.6 SMTP.__init__, done on names (same order)."""
+    auth: list[tuple[str, str, bool]] = []
+    for obj, is_self in ((cls, True), (handler, False)):
+        for mname, mfunc in inspect.getmembers(obj):
+            if mname.startswith("auth_"):
+                mech = getattr(mfunc, "__auth_mechanism_name__", None)
+                if mech is None:
+                    mech = mname.replace("auth_", "").replace("__", "-")
+                auth.append((mech, mname, is_self))
+    hooks = tuple((m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_"))
+    ehlo_hook_ver = None
+    for name, attr in hooks:
+        if name == "EHLO":
+            params = len(inspect.signature(getattr(handler, attr)).parameters)
+            if params == 4:
+                ehlo_hook_ver = "old"  # SMTP.__init__ warns of it again on the slow path
+            elif params == 5:
+                ehlo_hook_ver = "new"
+            else:
+                raise RuntimeError("Unsupported EHLO Hook")
+    smtp = tuple((m.replace("smtp_", ""), m) for m in dir(cls) if m.startswith("smtp_"))
+    return _MethodTables(tuple(auth), hooks, smtp, ehlo_hook_ver)
+
+
+# Per handler object, then per protocol class: handlers live as long as their listener.
+_TABLES: weakref.WeakKeyDictionary[Any, dict[type[SMTP], _MethodTables]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class MailfortSMTP(SMTP):
     """aiosmtpd with our policies; one instance per connection."""
 
@@ -58,12 +121,138 @@ class MailfortSMTP(SMTP):
     def __init__(
         self, handler: Any, *, connections: ConnectionTable, max_per_ip: int, **kwargs: Any
     ) -> None:
-        super().__init__(handler, **kwargs)
+        if aiosmtpd.__version__ == _AIOSMTPD_MIRRORED and self._fast_init(handler, **kwargs):
+            pass
+        else:
+            super().__init__(handler, **kwargs)
         self._connections = connections
         self._max_per_ip = max_per_ip
         self._counted = False
         self._raw_replies = False
         self._refused = False
+        self._groupable = False
+        self._hold_all = False  # within a multi-line reply (EHLO): one write at its end
+        self._held: list[bytes] = []  # replies held back while the client pipelines
+
+    def _fast_init(
+        self,
+        handler: Any,
+        *,
+        data_size_limit: int | None = _aiosmtpd.DATA_SIZE_DEFAULT,
+        enable_SMTPUTF8: bool = False,
+        decode_data: bool = False,
+        hostname: str | None = None,
+        ident: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+        timeout: float = 300,
+        auth_required: bool = False,
+        auth_require_tls: bool = True,
+        auth_exclude_mechanism: Iterable[str] | None = None,
+        auth_callback: Any = None,
+        command_call_limit: int | dict[str, int] | None = None,
+        authenticator: Any = None,
+        proxy_protocol_timeout: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> bool:
+        """aiosmtpd 1.4.6's SMTP.__init__ for our settings, its introspection done once.
+
+        SMTP.__init__ runs inspect.getmembers and dir on the protocol and the handler and
+        inspect.signature on the EHLO hook for every connection (~0.27 ms). The tables come
+        from names only, so they are worked out once per handler and protocol class and
+        bound here. Settings aiosmtpd would warn about or refuse, and handlers it cannot
+        key on, return False: the caller then runs SMTP.__init__ itself.
+        ``tests/test_smtp_perf_safety.py`` checks the result against SMTP.__init__.
+        """
+        if (
+            (
+                tls_context is not None
+                and (
+                    tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}
+                    or tls_context.check_hostname
+                )
+            )
+            or (auth_required and not auth_require_tls)
+            or (proxy_protocol_timeout is not None and proxy_protocol_timeout < 3.0)
+            or (command_call_limit is not None and not isinstance(command_call_limit, int))
+            or not (data_size_limit is None or isinstance(data_size_limit, int))
+        ):
+            return False
+        try:
+            per_handler = _TABLES.get(handler)
+            if per_handler is None:
+                per_handler = _TABLES[handler] = {}
+        except TypeError:  # neither hashable nor weakly referable
+            return False
+        cls = type(self)
+        tables = per_handler.get(cls)
+        if tables is None:
+            tables = per_handler[cls] = _method_tables(cls, handler)
+
+        self.__ident__ = ident or _aiosmtpd.__ident__
+        self.loop = loop if loop else _aiosmtpd.make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.command_size_limits.clear()
+        self.hostname = hostname if hostname else socket.getfqdn()
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and require_starttls
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        if proxy_protocol_timeout is not None and proxy_protocol_timeout <= 0:
+            raise ValueError("proxy_protocol_timeout must be > 0")
+        self._proxy_timeout = proxy_protocol_timeout
+        if authenticator is not None:
+            self._authenticator = authenticator
+            self._auth_callback = None
+        else:
+            self._auth_callback = auth_callback or _aiosmtpd.login_always_fail
+            self._authenticator = None
+        self._auth_required = auth_required
+        self._auth_methods = {
+            mech: _aiosmtpd._AuthMechAttr(getattr(self if own else handler, name), own)
+            for mech, name, own in tables.auth
+        }
+        for m in auth_exclude_mechanism or []:
+            self._auth_methods.pop(m, None)
+        self._handle_hooks = {cmd: getattr(handler, name) for cmd, name in tables.hooks}
+        self._ehlo_hook_ver = tables.ehlo_hook_ver
+        self._smtp_methods = {cmd: getattr(self, name) for cmd, name in tables.smtp}
+        if command_call_limit is None:
+            self._enforce_call_limit = False
+        else:
+            self._enforce_call_limit = True
+            self._call_limit_base = {}
+            self._call_limit_default = command_call_limit
+        return True
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's version defines a typing.Protocol class on every call (~0.1 ms) and runs
+        # email's header parser; a plain <local@domain> needs neither, and gives the same
+        # answer (the handlers then check the address with hygiene.valid_mailbox).
+        m = _PLAIN_ANGLE_ADDR.fullmatch(arg.lstrip())
+        if m is None:
+            return super()._getaddr(arg)
+        addr = m.group(1)
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, m.group(2) or ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted:  # STARTTLS calls this again on the same connection
@@ -103,17 +292,64 @@ class MailfortSMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and not self._raw_replies:
-            await super().push(with_enhanced_code(status))
+            status = with_enhanced_code(status)
+        if isinstance(status, str):
+            response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
-            await super().push(status)
+            response = status
+        if self._hold_all or (self._groupable and self._command_waiting()):
+            # RFC 2920: the client pipelined; it reads this reply with the next ones.
+            self._held.append(response + b"\r\n")
+            return
+        if self._held:
+            self._held.append(response + b"\r\n")
+            data = b"".join(self._held)
+            self._held.clear()
+        else:
+            data = response + b"\r\n"
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def _flush(self) -> None:
+        if self._held and self.transport is not None:
+            data = b"".join(self._held)
+            self._held.clear()
+            self._writer.write(data)
+            await self._writer.drain()
+
+    def _command_waiting(self) -> bool:
+        """Whether a whole command line from the client is buffered, unread, already."""
+        buffer = getattr(self._reader, "_buffer", None)
+        return isinstance(buffer, bytearray) and b"\n" in buffer
+
+    async def _grouped(self, method: Any, arg: str | None) -> None:
+        # Only replies to MAIL, RCPT and RSET may wait for the next command's (RFC 2920
+        # §3.1 lets a client pipeline these); anything else sends what waits with its own.
+        self._groupable = True
+        try:
+            await method(arg)
+        finally:
+            self._groupable = False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await self._grouped(super().smtp_MAIL, arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        await self._grouped(super().smtp_RCPT, arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        await self._grouped(super().smtp_RSET, arg)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # EHLO keywords must stay bare (RFC 2034 §3): no enhanced codes in this reply.
         self._raw_replies = True
+        self._hold_all = True  # aiosmtpd pushes each line of the reply on its own
         try:
             await super().smtp_EHLO(hostname)
         finally:
             self._raw_replies = False
+            self._hold_all = False
+        await self._flush()
 
     async def smtp_HELO(self, hostname: str) -> None:
         self._raw_replies = True
@@ -121,6 +357,13 @@ class MailfortSMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._raw_replies = False
+
+
+# HELP reads the syntax aiosmtpd's decorator put on its methods: keep it on our wrappers.
+for _name in ("smtp_MAIL", "smtp_RCPT", "smtp_RSET"):
+    for _attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+        if hasattr(getattr(SMTP, _name), _attr):
+            setattr(getattr(MailfortSMTP, _name), _attr, getattr(getattr(SMTP, _name), _attr))
 
 
 class EhloExtensions:
