@@ -54,36 +54,10 @@ KNOWN_DIFFERENCES: dict[str, tuple[frozenset[bytes], str]] = {
     ),
 }
 
-_PARSE = (
-    "Dovecot answers NO [PARSE] to BINARY on content that does not decode (bad base64 or "
-    "quoted-printable); mailfort answers a size"
-)
-_UNKNOWN_CTE = (
-    "RFC 3516 §4.2: BINARY of a part with an unknown Content-Transfer-Encoding must be "
-    "NO [UNKNOWN-CTE] (Dovecot does so); mailfort answers a size"
-)
-_MULTIPART_SIZE = (
-    "BINARY.SIZE of a part holding other encoded parts (multipart, or a base64 "
-    "message/rfc822) differs from Dovecot's"
-)
-_LEGACY = "stalwart-mail-parser/eml/legacy/"
-_THIRDPARTY = "stalwart-mail-parser/eml/thirdparty/"
-_MIME4J = "mime4j/core/src/test/resources/"
-# Found live on 2026-11-28 and reported; message name -> why (BINARY.SIZE[1] only).
-OPEN_DIFFERENCES: dict[str, str] = {
-    "flanker/enclosed-broken-body.eml": _PARSE,
-    f"{_MIME4J}mimetools-testmsgs/multi-frag.msg": _PARSE,
-    "stalwart-mail-parser/eml/malformed/018.eml": _PARSE,
-    "stalwart-mail-parser/eml/rfc/000.eml": _PARSE,
-    **{f"{_THIRDPARTY}{n:03d}.eml": _PARSE for n in (2, 16, 17, 18, 19)},
-    **{f"{_LEGACY}{n:03d}.eml": _UNKNOWN_CTE for n in (17, 26, 48)},
-    f"{_MIME4J}mimetools-testmsgs/multi-2gifs-base64.msg": _MULTIPART_SIZE,
-    f"{_MIME4J}testmsgs/bad-newlines-multiple-parts-base64.msg": _MULTIPART_SIZE,
-    f"{_MIME4J}testmsgs/base64encoded-rfc822message-nested.msg": _MULTIPART_SIZE,
-    f"{_MIME4J}testmsgs/base64encoded-rfc822message.msg": _MULTIPART_SIZE,
-    **{f"{_LEGACY}{n:03d}.eml": _MULTIPART_SIZE for n in (15, 18, 19, 21, 25, 28, 32, 35, 39, 51)},
-    "stalwart-mail-parser/eml/malformed/020.eml": _MULTIPART_SIZE,
-}
+# Differences found live and not yet resolved in mailfort: message name -> why. Each runs
+# as a strict xfail, so a fix shows up as a failure until its entry is removed. None left:
+# the 27 BINARY.SIZE[1] differences found on 2026-11-28 were all fixed the same day.
+OPEN_DIFFERENCES: dict[str, str] = {}
 
 
 def _cases() -> list[object]:

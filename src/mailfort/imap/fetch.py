@@ -22,6 +22,7 @@ from mailfort.mail import (
     Part,
     SectionSpec,
     binary_section,
+    binary_size,
     parse_message,
     section,
 )
@@ -211,7 +212,7 @@ def _literal(data: bytes, *, binary: bool = False) -> bytes:
 
 def _body_data(att: c.FetchBody, content_id: int, source: MessageSource) -> bytes:
     sec = att.section
-    if att.binary or att.size_only:
+    if att.binary:
         msg, raw = source.parsed(content_id)
         data = binary_section(msg, raw, ".".join(str(p) for p in sec.part))
         return data or b""
@@ -245,7 +246,9 @@ def render_fetch(
 ) -> bytes:
     """``* seq FETCH (...)`` for one row of :meth:`Mailbox.message_columns`.
 
-    Raises :class:`~mailfort.mail.UnknownCTEError` for BINARY of an undecodable part.
+    Raises :class:`~mailfort.mail.UnknownCTEError` for BINARY of an undecodable part
+    (its subclass ``InvalidPartDataError`` when the content is not valid base64 or
+    quoted-printable: Dovecot's ``NO [PARSE]``).
     """
     ix = plan.index
     uid = row[0]
@@ -253,10 +256,14 @@ def render_fetch(
     saw_flags = False
     for att in plan.items:
         if isinstance(att, c.FetchBody):
-            data = _body_data(att, row[ix["content_id"]], source)
             if att.size_only:
-                parts.append(att.response_name().encode() + b" %d" % len(data))
+                # BINARY.SIZE (RFC 3516 §4.2) is Dovecot's count, which
+                # differs from the length of BINARY for parts inside parts.
+                msg, raw = source.parsed(row[ix["content_id"]])
+                size = binary_size(msg, raw, ".".join(str(p) for p in att.section.part))
+                parts.append(att.response_name().encode() + b" %d" % (size or 0))
                 continue
+            data = _body_data(att, row[ix["content_id"]], source)
             if att.partial is not None:
                 origin, length = att.partial
                 data = data[origin : origin + length]

@@ -1005,9 +1005,8 @@ class Session:
                         )
                     except UnknownCTEError as exc:
                         self.out.write(b"".join(lines))
-                        raise CommandFailed(
-                            "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE"
-                        ) from exc
+                        # UNKNOWN-CTE or PARSE (RFC 3516 §4.2), as the decoder found it.
+                        raise CommandFailed(exc.text, exc.code) from exc
                     lines.append(line)
                     size += len(line)
                     if size > _FLUSH_AT:
