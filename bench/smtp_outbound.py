@@ -29,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 
@@ -120,6 +122,18 @@ async def drive(
     return time.monotonic()
 
 
+def measure(sink_port: int, count: int, load: Coroutine[Any, Any, float]) -> tuple[float, float]:
+    """(accepted/s, delivered/s) for one load; the sink is stopped however the run ends."""
+    sink = Sink(sink_port)
+    try:
+        start = time.monotonic()
+        accepted = asyncio.run(load)
+        delivered = sink.wait_for(count, timeout=600)
+    finally:
+        sink.stop()
+    return count / (accepted - start), count / (delivered - start)
+
+
 def run_mailfort(root: Path, count: int, clients: int, sink_port: int) -> tuple[float, float]:
     dns = DNSServer()
     dns.set_zone(
@@ -151,21 +165,12 @@ def run_mailfort(root: Path, count: int, clients: int, sink_port: int) -> tuple[
             input="a long bench passphrase\n", text=True, check=True, capture_output=True, env=env,
         ).stdout.strip()  # fmt: skip
         tls = ssl.create_default_context(cafile=str(data_dir / "tls" / "cert.pem"))
-        sink = Sink(sink_port)
-        start = time.monotonic()
-        accepted = asyncio.run(
-            drive(
-                "127.0.0.1",
-                ports["submission"],
-                count,
-                clients,
-                tls=tls,
-                auth=("alice@example.test", app),
-            )
+        auth = ("alice@example.test", app)
+        return measure(
+            sink_port,
+            count,
+            drive("127.0.0.1", ports["submission"], count, clients, tls=tls, auth=auth),
         )
-        delivered = sink.wait_for(count, timeout=600)
-        sink.stop()
-        return count / (accepted - start), count / (delivered - start)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -179,12 +184,7 @@ def run_postfix(count: int, clients: int, sink_port: int) -> tuple[float, float]
     )
     postfix.start()
     try:
-        sink = Sink(sink_port)
-        start = time.monotonic()
-        accepted = asyncio.run(drive("127.0.0.4", port, count, clients))
-        delivered = sink.wait_for(count, timeout=600)
-        sink.stop()
-        return count / (accepted - start), count / (delivered - start)
+        return measure(sink_port, count, drive("127.0.0.4", port, count, clients))
     finally:
         postfix.remove()
 

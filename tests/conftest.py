@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +57,36 @@ def run_cli(
             f"mailfort {' '.join(args)} failed ({proc.returncode}): {result.stderr}"
         )
     return result
+
+
+def start_outbound_dev(
+    data_dir: Path, dns_port: int, smtp_port: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`mailfort dev` whose outbound delivery goes to ``smtp_port``; returns it and dev.json.
+
+    Its stderr goes to a file beside the data dir: an unread pipe would block the server.
+    """
+    log_path = data_dir.parent / "mailfort.stderr"
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(
+            [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--dns", f"127.0.0.1:{dns_port}"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={
+                **os.environ,
+                "MAILFORT_OUTBOUND_PORT": str(smtp_port),
+                "MAILFORT_HOSTNAME": "mx.example.test",
+                **(env or {}),
+            },
+        )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Ctrl-C stops" in line:
+            break
+    else:
+        raise AssertionError(f"mailfort dev did not start: {log_path.read_text()}")
+    return proc, json.loads((data_dir / "dev.json").read_text())
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ Mail::DKIM (Debian) checks the signatures on what Postfix stored.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
 import signal
 import smtplib
@@ -30,7 +28,7 @@ from mailfort.store.service import MailStore
 from postfix_peer import PostfixMX
 from test_dkim_signing import PERL_VERIFY, zone_from_dns_output
 
-from conftest import mailfort_cmd, require_tool, run_cli
+from conftest import require_tool, run_cli, start_outbound_dev
 from dnsserver import DNSServer
 
 PASSWORD = "a long test passphrase"
@@ -75,28 +73,8 @@ def wait_for(check: Callable[[], object], what: str, timeout: float = 60) -> obj
 def start_dev(
     data_dir: Path, dns_port: int, smtp_port: int
 ) -> tuple[subprocess.Popen[str], dict[str, int]]:
-    # stderr to a file: an unread pipe would block the server once it filled.
-    log = (data_dir.parent / "mailfort.stderr").open("a")
-    proc = subprocess.Popen(
-        [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--dns", f"127.0.0.1:{dns_port}"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env={
-            **os.environ,
-            "MAILFORT_OUTBOUND_PORT": str(smtp_port),
-            "MAILFORT_HOSTNAME": "mx.example.test",
-        },
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "Ctrl-C stops" in line:
-            break
-    else:
-        raise AssertionError(
-            "mailfort dev did not start: " + (data_dir.parent / "mailfort.stderr").read_text()
-        )
-    return proc, json.loads((data_dir / "dev.json").read_text())["ports"]
+    proc, info = start_outbound_dev(data_dir, dns_port, smtp_port)
+    return proc, info["ports"]
 
 
 def free_port(host: str) -> int:

@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import http.server
 import json
-import os
 import signal
 import smtplib
 import socket
@@ -67,7 +66,7 @@ from mailfort.relay.tlsrpt import (
 from postfix_peer import PostfixMX
 from test_relay_support import PKI, Canned, HTTPSServer, Issued
 
-from conftest import mailfort_cmd, require_tool
+from conftest import require_tool, start_outbound_dev
 from conftest_dns import DNSFixture
 from dnsserver import DNSServer, Entry
 
@@ -252,32 +251,6 @@ def seed_report_counts(data_dir: Path) -> None:
     asyncio.run(seed())
 
 
-def start_dev(
-    data_dir: Path, dns_port: int, smtp_port: int, env: dict[str, str]
-) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    log_path = data_dir.parent / "mailfort.stderr"
-    with log_path.open("a") as log:  # a file: an unread pipe would block the server
-        proc = subprocess.Popen(
-            [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--dns", f"127.0.0.1:{dns_port}"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env={
-                **os.environ,
-                "MAILFORT_OUTBOUND_PORT": str(smtp_port),
-                "MAILFORT_HOSTNAME": "mx.example.test",
-                **env,
-            },
-        )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "Ctrl-C stops" in line:
-            break
-    else:
-        raise AssertionError(f"mailfort dev did not start: {log_path.read_text()}")
-    return proc, json.loads((data_dir / "dev.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     require_tool("postfix")
@@ -311,7 +284,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         dns.set_zone(build_zone(pki, untrusted_leaf))
         data_dir = root / "var"
         seed_report_counts(data_dir)
-        proc, info = start_dev(
+        proc, info = start_outbound_dev(
             data_dir,
             dns.port,
             postfix.port,
