@@ -66,6 +66,8 @@ class PostfixMX:
         tls_chain: Path | None = None,
         sni_chains: Mapping[str, Path] | None = None,
         relayhost: str = "",
+        transport: Mapping[str, str] | None = None,
+        header_checks: Sequence[str] = (),
     ) -> None:
         # Not under pytest's temp dirs: pytest resets their root to 0700 whenever a session
         # starts, and Postfix's daemons (postfix, nobody) must walk down to the queue and
@@ -82,6 +84,11 @@ class PostfixMX:
         # Set ("[127.0.0.3]:2525"): relay everything from mynetworks there, as a submission
         # relay would (bench/smtp_outbound.py's reference).
         self.relayhost = relayhost
+        # Recipient -> transport (e.g. "error:5.1.1 gone"): accepted at RCPT, then bounced by
+        # Postfix itself, as a mailbox that fails after acceptance does.
+        self.transport = dict(transport or {})
+        # regexp header_checks lines: reject by content at end of DATA (e.g. a DMARC refusal).
+        self.header_checks = list(header_checks)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -122,6 +129,10 @@ class PostfixMX:
             tls_files += f"tls_server_sni_maps = hash:{self.conf / 'sni'}\n"
         if not (self.conf / "access").exists():
             self.set_access({})
+        (self.conf / "transport").write_text(
+            "".join(f"{k} {v}\n" for k, v in self.transport.items())
+        )
+        (self.conf / "header_checks").write_text("".join(f"{r}\n" for r in self.header_checks))
         (self.conf / "main.cf").write_text(
             f"""compatibility_level = 3.6
 queue_directory = {self.root / "queue"}
@@ -148,6 +159,9 @@ virtual_mailbox_maps = texthash:{self.conf / "vmailbox"}
 virtual_uid_maps = static:{nobody.pw_uid}
 virtual_gid_maps = static:{nobody.pw_gid}
 virtual_minimum_uid = {min(nobody.pw_uid, 100)}
+recipient_delimiter = +
+transport_maps = texthash:{self.conf / "transport"}
+header_checks = regexp:{self.conf / "header_checks"}
 """
         )
         (self.conf / "master.cf").write_text(

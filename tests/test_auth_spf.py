@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from mailfort.auth import spf
 from mailfort.auth.spf import DEFAULT_EXPLANATIONS, check_spf
+from mailfort.dns import Nameserver, NotCached, Resolver
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SUITE = CORPORA / "spf" / "rfc7208-tests.yml"
@@ -75,3 +78,92 @@ async def test_rfc7208_suite(dns_server: Any, zone: dict[str, Any], case: dict[s
         if want == "DEFAULT":
             want = DEFAULT_EXPLANATIONS[res.result]
         assert res.explanation == want
+
+
+def _inline_attempt(resolver: Resolver, case: dict[str, Any]) -> tuple[spf.SPFCheck | None, bool]:
+    """What check_spf's inline path makes of a case: (outcome, whether a record was missing)."""
+    sender = case["mailfrom"]
+    probe = spf._CacheOnly(resolver)
+    identity: spf.Identity = "mailfrom" if sender else "helo"
+    try:
+        outcome = contextvars.Context().run(
+            spf._run_check, probe, case["host"], sender, case["helo"], "unknown", identity
+        )
+    except spf._WouldBlock:
+        outcome = None
+    return outcome, probe.missed
+
+
+@pytest.mark.parametrize(("zone", "case"), CASES)
+async def test_rfc7208_suite_through_the_cache(
+    dns_server: Any, zone: dict[str, Any], case: dict[str, Any]
+) -> None:
+    """With the service's caching resolver a check runs inline on the loop once its records
+    are cached: whenever that path completes, it gives what the thread path gave, and a
+    second check_spf (inline or not) agrees with the first."""
+    dns_server.set_zone(zone)
+    resolver = Resolver([Nameserver(dns_server.server.host, dns_server.port)], 0.5, cache=True)
+    first = await check_spf(
+        resolver, case["host"], case["mailfrom"], case["helo"], check_helo=False
+    )
+    outcome, missed = _inline_attempt(resolver, case)
+    if not missed:
+        assert outcome == first.mailfrom
+    again = await check_spf(
+        resolver, case["host"], case["mailfrom"], case["helo"], check_helo=False
+    )
+    assert again == first
+
+
+async def test_cached_checks_run_inline(dns_server: Any) -> None:
+    dns_server.set_zone(
+        {
+            "sender.test": [("TXT", "v=spf1 a:mta.sender.test include:inc.test -all")],
+            "inc.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+            "mta.sender.test": [("A", "198.51.100.7")],
+        }
+    )
+    resolver = Resolver([Nameserver(dns_server.server.host, dns_server.port)], 1.0, cache=True)
+    case = {"host": "192.0.2.9", "mailfrom": "a@sender.test", "helo": "mta.sender.test"}
+    # Cold cache: the inline attempt gives up at the first lookup.
+    outcome, missed = _inline_attempt(resolver, case)
+    assert missed and outcome is None
+    first = await check_spf(resolver, case["host"], case["mailfrom"], case["helo"])
+    assert first.result == "pass"
+    asked = len(dns_server.queries)
+    outcome, missed = _inline_attempt(resolver, case)
+    assert not missed and outcome == first.mailfrom
+    assert await check_spf(resolver, case["host"], case["mailfrom"], case["helo"]) == first
+    assert len(dns_server.queries) == asked  # nothing went to the server
+
+
+async def test_cache_only_answers_match_the_resolver(dns_server: Any) -> None:
+    """query_cached (SPF's inline path, and the service's cache hits) answers exactly as
+    query_sync does once a name is cached: records, no records of the type, no name."""
+    dns_server.set_zone(
+        {
+            "sender.test": [("TXT", "v=spf1 -all"), ("A", "192.0.2.1")],
+            "empty.test": [("A", "192.0.2.2")],
+        }
+    )
+    resolver = Resolver([Nameserver(dns_server.server.host, dns_server.port)], 1.0, cache=True)
+    names = [("sender.test", "TXT"), ("sender.test", "A"), ("empty.test", "TXT")]
+    names += [("missing.test", "TXT"), ("a..b", "TXT")]
+    for name, rtype in names[:3]:
+        with pytest.raises(NotCached):
+            resolver.query_cached(name, rtype)
+    for name, rtype in names:
+        fresh = resolver.query_sync(name, rtype)
+        try:
+            cached = resolver.query_cached(name, rtype)
+        except NotCached:
+            # Only a denial without a cacheable TTL (no SOA in the test zone) may miss.
+            assert fresh == []
+            continue
+        assert [r.to_text() for r in cached] == [r.to_text() for r in fresh]
+        assert [r.to_text() for r in await resolver.query(name, rtype)] == [
+            r.to_text() for r in fresh
+        ]
+    uncached = Resolver([Nameserver(dns_server.server.host, dns_server.port)], 1.0)
+    with pytest.raises(NotCached):
+        uncached.query_cached("sender.test", "TXT")

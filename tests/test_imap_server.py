@@ -160,7 +160,9 @@ def test_append_then_fetch_what_was_stored(server: ServerThread) -> None:
     assert len(items) == 1
     item = items[0]
     assert b"UID 1 " in item
-    assert b"FLAGS ($Important \\Flagged)" in item
+    # RFC 3501 §2.3.2: the first session to select the folder after the APPEND sees it
+    # as \Recent.
+    assert b"FLAGS ($Important \\Flagged \\Recent)" in item
     assert b"RFC822.SIZE %d" % len(raw) in item
     stored_date = imaplib.Internaldate2tuple(item)
     assert stored_date is not None and time.mktime(stored_date) == time.mktime(
@@ -196,10 +198,12 @@ def test_store_copy_move_expunge_round_trip(server: ServerThread) -> None:
     assert ok(client.uid("SEARCH", "ALL")) == [b"1 5"]
     ok(client.select("Work"))
     flags = ok(client.fetch("1:*", "(UID FLAGS)"))
+    # RFC 3501 §6.4.7: copies keep their flags and get \Recent (this is the first
+    # session to select Work since they arrived).
     assert flags == [
-        b"1 (UID 1 FLAGS (\\Answered))",
-        b"2 (UID 2 FLAGS (\\Deleted))",
-        b"3 (UID 3 FLAGS ())",
+        b"1 (UID 1 FLAGS (\\Answered \\Recent))",
+        b"2 (UID 2 FLAGS (\\Deleted \\Recent))",
+        b"3 (UID 3 FLAGS (\\Recent))",
     ]
     typ, data = client.copy("1", "Nowhere")
     assert typ == "NO" and b"TRYCREATE" in data[0]  # type: ignore[operator]
@@ -217,7 +221,7 @@ def test_store_unchangedsince_reports_modified(server: ServerThread) -> None:
     raw.command("STORE 1 +FLAGS (\\Flagged)")
     untagged, tagged = raw.command(f"STORE 1:2 (UNCHANGEDSINCE {highest}) +FLAGS (\\Seen)")
     assert re.search(rb"OK \[MODIFIED 1\]", tagged), tagged
-    assert untagged and untagged[0].startswith(b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (")
+    assert untagged and untagged[0].startswith(b"* 2 FETCH (FLAGS (\\Seen \\Recent) MODSEQ (")
     raw.close()
 
 
@@ -367,12 +371,13 @@ def test_two_sessions_see_each_others_changes(server: ServerThread) -> None:
     b.command("SELECT INBOX")
     # B flags, A hears it at its next command.
     b.command("STORE 2 +FLAGS (\\Flagged)")
+    # A selected first, so the three are \Recent to A alone (RFC 3501 §2.3.2).
     untagged, _ = a.command("NOOP")
-    assert untagged == [b"* 2 FETCH (UID 2 FLAGS (\\Flagged))\r\n"]
+    assert untagged == [b"* 2 FETCH (UID 2 FLAGS (\\Flagged \\Recent))\r\n"]
     # A appends and expunges; B hears EXPUNGE then EXISTS.
     body = message(4)
     untagged, _ = a.command(b"APPEND INBOX {%d+}\r\n" % len(body) + body)
-    assert untagged == [b"* 4 EXISTS\r\n", b"* 1 RECENT\r\n"]  # the selected folder grew
+    assert untagged == [b"* 4 EXISTS\r\n", b"* 4 RECENT\r\n"]  # the selected folder grew
     a.command("STORE 1 +FLAGS.SILENT (\\Deleted)")
     untagged, _ = a.command("EXPUNGE")
     assert untagged == [b"* 1 EXPUNGE\r\n"]
@@ -387,9 +392,11 @@ def test_two_sessions_see_each_others_changes(server: ServerThread) -> None:
     assert untagged == [b"* 1 EXPUNGE\r\n"]
     untagged, _ = a.command("FETCH 1:* (UID FLAGS)")
     assert untagged == [
-        b"* 1 FETCH (UID 3 FLAGS ())\r\n",
+        b"* 1 FETCH (UID 3 FLAGS (\\Recent))\r\n",
         b"* 2 FETCH (UID 4 FLAGS (\\Recent))\r\n",
     ]
+    untagged, _ = b.command("FETCH 1:* (UID FLAGS)")
+    assert untagged == [b"* 1 FETCH (UID 3 FLAGS ())\r\n", b"* 2 FETCH (UID 4 FLAGS ())\r\n"]
     a.close()
     b.close()
 
@@ -599,7 +606,8 @@ def test_large_mailbox_fetches_without_reading_messages(
     user = server.new_user()
     client = server.login(user)
     access: MailAccess = server.access
-    shared = next(iter(access._open.values()))
+    # This user's mailbox (sessions of earlier tests may still be letting theirs go).
+    shared = access._open[server.services.directory.route(user).users[0].mailbox_id]
     items = [AppendItem(message(n), ("\\Seen",) if n % 3 else (), 0) for n in range(10_000)]
     server.call(shared.mailbox.append("INBOX", items))
     decoded = 0
@@ -615,7 +623,8 @@ def test_large_mailbox_fetches_without_reading_messages(
     started = time.monotonic()
     data = ok(client.uid("FETCH", "1:*", "(FLAGS)"))
     flags_time = time.monotonic() - started
-    assert len(data) == 10_000 and data[1] == b"2 (UID 2 FLAGS (\\Seen))"
+    # The first SELECT since they were filed: all 10,000 are \Recent to this session.
+    assert len(data) == 10_000 and data[1] == b"2 (UID 2 FLAGS (\\Seen \\Recent))"
     started = time.monotonic()
     data = ok(client.fetch("1:*", "(ENVELOPE)"))
     assert len(data) == 10_000

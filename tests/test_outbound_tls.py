@@ -31,12 +31,11 @@ import http.server
 import json
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,13 @@ from aiosmtpd.controller import Controller
 from cryptography.hazmat.primitives import serialization
 
 from mailfort import config
+from mailfort.auth.dkim import verify_dkim
+from mailfort.directory import dkimkeys
+from mailfort.directory.service import Directory
+from mailfort.dns import Nameserver, Resolver
 from mailfort.keys.server import ServerKey
 from mailfort.outbound import client
-from mailfort.outbound.policy import TLSReportSender, default_identity
+from mailfort.outbound.policy import TLSReportSender, default_identity, directory_signing_keys
 from mailfort.outbound.queue import Queue
 from mailfort.relay.contexts import pkix_context
 from mailfort.relay.mtasts import MTASTS
@@ -69,6 +72,7 @@ from test_relay_support import PKI, Canned, HTTPSServer, Issued
 from conftest import require_tool, start_outbound_dev
 from conftest_dns import DNSFixture
 from dnsserver import DNSServer, Entry
+from tests_support import free_port, wait_for
 
 PEER_ADDRESS = "127.0.0.2"
 STS_DOMAINS = {  # domain -> (mode, MX patterns in its policy)
@@ -144,11 +148,12 @@ class Setup:
     password: str
     postfix: PostfixMX
     policy_host: PolicyHost
+    dns: DNSServer
 
-    def send(self, rcpt: str, subject: str) -> None:
+    def send(self, rcpt: str, subject: str, extra_headers: str = "") -> None:
         msg = (
-            f"From: Demo <demo@example.test>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n\r\n"
-            f"Hello, {subject}.\r\n"
+            f"From: Demo <demo@example.test>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
+            f"{extra_headers}\r\nHello, {subject}.\r\n"
         ).encode()
         cafile = str(self.data_dir / "tls" / "cert.pem")
         with smtplib.SMTP("127.0.0.1", self.ports["submission"], timeout=30) as client:
@@ -176,22 +181,6 @@ class Setup:
         store = SQLiteResultStore(self.data_dir / "queue" / "tlsrpt.sqlite3")
         when = day or dt.datetime.now(dt.UTC).date()
         return asyncio.run(store.results(when, policy_domain))
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def chain_file(issued: Issued, directory: Path, name: str) -> Path:
@@ -293,7 +282,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 "MAILFORT_MTA_STS_PORT": str(policy_host.port),
             },
         )
-        yield Setup(data_dir, info["ports"], info["password"], postfix, policy_host)
+        yield Setup(data_dir, info["ports"], info["password"], postfix, policy_host, dns)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -356,6 +345,13 @@ def test_enforce_refuses_a_certificate_from_another_ca(setup: Setup) -> None:
     assert set(kinds) == {"certificate-not-trusted@mx.badcert.test"}
 
 
+def test_tls_required_no_delivers_despite_the_policy(setup: Setup) -> None:
+    # RFC 8689 §5: the sender waives MTA-STS and DANE for this message (TLS-RPT reports
+    # do, RFC 8460 §5.3.1); badcert.test's enforce policy would refuse its MX otherwise.
+    setup.send("bob@badcert.test", "tls-not-required", "TLS-Required: No\r\n")
+    wait_for(lambda: setup.arrived("bob@badcert.test", "tls-not-required"), "delivery")
+
+
 def test_testing_mode_delivers_and_reports_the_bad_certificate(setup: Setup) -> None:
     setup.send("bob@testing.test", "sts-testing")
     wait_for(lambda: setup.arrived("bob@testing.test", "sts-testing"), "delivery in testing mode")
@@ -373,7 +369,9 @@ def test_no_policy_is_opportunistic(setup: Setup) -> None:
     assert "mta-sts.remote.test" not in setup.policy_host.seen  # no TXT record, no fetch
     successes, failures, _ = summary(setup.tls_results(PLAIN_DOMAIN))["no-policy-found"]
     assert successes >= 1 and failures == 0
-    assert "starttls=1" in setup.postfix.log_tail(400)  # STARTTLS with a self-signed cert
+    # STARTTLS with a self-signed certificate: Postfix's summary line, written when the
+    # session ends (after the engine's idle timeout: sessions are kept for reuse).
+    wait_for(lambda: "starttls=1" in setup.postfix.log_tail(400), "the session summary")
 
 
 # -- DANE (RFC 7672) --------------------------------------------------------------------------
@@ -422,8 +420,78 @@ def test_a_finished_days_report_is_mailed_to_the_rua(setup: Setup) -> None:
         "total-failure-session-count": 1,
     }
     assert policy["failure-details"][0]["result-type"] == "certificate-expired"
+    # RFC 8460 §3: signed by the reporting domain, the whole body (no l=). The node is
+    # mx.example.test; example.test, the hosted parent, signs.
+    setup.dns.add_records(dkim_zone(setup.data_dir, "example.test"))
+    resolver = Resolver([Nameserver("127.0.0.1", setup.dns.port)])
+    crlf = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # Maildir stores LF
+    verdict = asyncio.run(verify_dkim(resolver, crlf))
+    assert sorted((s.domain, s.algorithm, s.result) for s in verdict.signatures) == [
+        ("example.test", "ed25519-sha256", "pass"),
+        ("example.test", "rsa-sha256", "pass"),
+    ]
+    assert not any(" l=" in h or ";l=" in h for h in msg.get_all("DKIM-Signature", []))
     # Reported means forgotten (data minimisation).
     wait_for(lambda: not setup.tls_results("enforce.test", REPORT_DAY), "the day's counts removed")
+
+
+def dkim_zone(data_dir: Path, domain: str) -> dict[str, list[Entry]]:
+    """The published DKIM key records of a hosted domain."""
+    directory = Directory.open(f"sqlite:///{data_dir / 'directory.sqlite3'}")
+    try:
+        return {
+            f"{k.selector}._domainkey.{domain}": [
+                ("TXT", dkimkeys.dns_value(k.algorithm, k.public_b64))
+            ]
+            for k in directory.dkim_keys(domain)
+        }
+    finally:
+        directory.close()
+
+
+async def test_mailed_reports_are_signed_by_the_nearest_hosted_domain(
+    dns_server: DNSFixture, tmp_path: Path
+) -> None:
+    settings = config.load(None, {"MAILFORT_DATA_DIR": str(tmp_path)})
+    directory = Directory.open(settings.directory_url, ServerKey.load_or_create(tmp_path))
+    try:
+        directory.add_domain("example.test")
+    finally:
+        directory.close()
+    keys = directory_signing_keys(settings)
+    assert [k.domain for k in keys("mx.example.test")] == ["example.test", "example.test"]
+    assert keys("other.test") == [] and keys("test") == []
+    dns_server.set_zone(
+        {
+            "_smtp._tls.mail.test": [("TXT", "v=TLSRPTv1; rua=mailto:reports@rua.test")],
+            **dkim_zone(tmp_path, "example.test"),
+        }
+    )
+    store = MemoryResultStore()
+    await store.add(REPORT_DAY, ReportPolicy(PolicyType.NO_POLICY, "mail.test"), success=True)
+    queue = Queue(tmp_path, ServerKey.load_or_create(tmp_path))
+    try:
+        sender = TLSReportSender(
+            store,
+            dns_server.resolver,
+            queue,
+            default_identity("mx.example.test"),
+            delay=0,
+            signing_keys=keys,
+        )
+        assert await sender.send_due() == 1
+        [waiting] = queue.due(time.time() + 1)
+        message = queue.message(waiting.message_id)
+        assert message is not None
+    finally:
+        queue.close()
+    verdict = await verify_dkim(dns_server.resolver, message.body)
+    assert sorted((s.domain, s.result) for s in verdict.signatures) == [
+        ("example.test", "pass"),
+        ("example.test", "pass"),
+    ]
+    headers = message.body.split(b"\r\n\r\n", 1)[0]
+    assert b" l=" not in headers and b";l=" not in headers  # RFC 8460 §3: never l=
 
 
 # -- the client's other paths, against aiosmtpd in-process (no Postfix needed) ----------------

@@ -5,6 +5,7 @@ and the TLS-RPT counts that result."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import ssl
@@ -204,6 +205,23 @@ async def test_plan_dane_wins_over_sts_for_authentication(
     assert mx1.report_policy.policy_type is PolicyType.TLSA
     # The enforce policy's MX list still rules out a host it does not name.
     assert not evil.usable
+
+
+async def test_plans_are_reused_for_plan_ttl_and_shared_by_concurrent_attempts(
+    dns_server: DNSFixture, pki: PKI, https: HTTPSServer
+) -> None:
+    dns_server.set_zone(zone("mx1.example.test"))
+    tls, _store = make_policy(dns_server, pki, https, plan_ttl=3600)
+    hosts = ["mx1.example.test"]
+    first, *others = await asyncio.gather(*(tls.plan(DOMAIN, hosts) for _ in range(5)))
+    assert all(plan is first for plan in others)  # one planning for five attempts
+    assert await tls.plan(DOMAIN, hosts) is first
+    asked = [q for q in dns_server.queries if q[1] in ("TXT", "TLSA")]
+    assert len(asked) == 2, asked  # _mta-sts TXT and the MX's TLSA, once each
+    # Another MX list is another plan; no plan_ttl plans afresh every time.
+    assert await tls.plan(DOMAIN, ["mx1.example.test", "mx2.example.test"]) is not first
+    fresh, _ = make_policy(dns_server, pki, https)
+    assert await fresh.plan(DOMAIN, hosts) is not await fresh.plan(DOMAIN, hosts)
 
 
 async def test_plan_dane_lookup_failure_and_dane_required(

@@ -244,6 +244,20 @@ def test_recipients_resolved_at_rcpt(mx: MX) -> None:
     assert len(find(mx.stored("bob@example.test")["INBOX"], "routing")) == 1
 
 
+def test_bounce_with_null_sender_is_accepted_and_filed(mx: MX) -> None:
+    # DSNs and auto-replies come from the null reverse-path (RFC 5321 §4.5.5): refusing it
+    # would lose every bounce for our users' own outgoing mail. SPF then checks the HELO
+    # name (RFC 7208 §2.4), which is what DMARC aligns with (RFC 7489 §3.1.2).
+    with smtp(mx, helo="sender.test") as client:
+        code, text = client.mail("")
+        assert code == 250, text
+        assert client.rcpt("alice@example.test")[0] == 250
+        code, text = client.data(message("null-sender", sender="mailer-daemon@sender.test"))
+        assert code == 250, text
+    [stored] = find(mx.stored("alice@example.test")["INBOX"], "null-sender")
+    assert stored.startswith(b"Return-Path: <>\r\n")
+
+
 def test_more_than_50_recipients_get_452(mx: MX) -> None:
     with smtp(mx) as client:
         client.mail("news@sender.test")

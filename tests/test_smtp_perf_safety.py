@@ -277,7 +277,7 @@ def test_route_cache_sees_changes_from_other_processes(env: tuple[_Server, Direc
         for _ in range(3):  # the second and third answers come from the cache
             assert srv.rcpt(client, "alice@example.test") == 250
             assert srv.rcpt(client, "bob@example.test") == 550
-        assert srv.handler._routes  # the cache is in use
+        assert srv.handler._routes._routes  # the cache (directory.lookups.RouteCache) is in use
 
         _other_process(url, f"d.add_user('bob@example.test', {PASSWORD!r})")
         assert srv.rcpt(client, "bob@example.test") == 250
@@ -362,7 +362,7 @@ def test_route_cache_interleaved_lookups_keep_no_stale_answer() -> None:
         second = await handler._route("b@x.test")  # sees the new marker: clears the cache
         assert second.kind is RouteKind.UNKNOWN_USER
         assert (await first).kind is RouteKind.LOCAL  # answered from before the change
-        assert "a@x.test" not in handler._routes
+        assert "a@x.test" not in handler._routes._routes
         assert (await handler._route("a@x.test")).kind is RouteKind.UNKNOWN_USER
 
     asyncio.run(go())

@@ -25,6 +25,8 @@ from mailfort.keys.server import ServerKey
 from mailfort.outbound import policy as outbound_policy
 from mailfort.outbound.engine import Engine
 from mailfort.outbound.queue import Queue
+from mailfort.relay.memo import SharedMemo
+from mailfort.smtp import conncount
 from mailfort.smtp import listeners as smtp_listeners
 from mailfort.smtp.limits import SendingLimits, SendingPolicy
 from mailfort.store.service import MailStore
@@ -44,6 +46,9 @@ class Services:
     queue: Queue
     limits: SendingLimits
     worker_index: int = 0
+    # Shared by every worker process (created before the fork): forwarding's retry and SRS
+    # records, which must hold whichever worker the next connection lands on.
+    memo: SharedMemo = field(default_factory=SharedMemo)
     engine: Engine | None = None  # outbound delivery: worker 0 only, so none twice
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
 
@@ -64,7 +69,9 @@ LISTENER_FACTORIES.update(smtp_listeners.listeners())
 LISTENER_FACTORIES.update(mail_access.listeners())  # imap, imaps, pop3, pop3s
 
 
-def build(settings: config.Settings, worker_index: int = 0) -> Services:
+def build(
+    settings: config.Settings, worker_index: int = 0, memo: SharedMemo | None = None
+) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(settings.data_dir, 0o700)
     assert settings.tls_cert is not None and settings.tls_key is not None
@@ -78,6 +85,7 @@ def build(settings: config.Settings, worker_index: int = 0) -> Services:
         queue=Queue(settings.data_dir, server_key),
         limits=SendingLimits(SendingPolicy(**settings.sending_limits)),
         worker_index=worker_index,
+        memo=memo if memo is not None else SharedMemo(),
     )
 
 
@@ -135,9 +143,12 @@ def _run_loop(coro: Awaitable[None]) -> None:
 
 
 def _run_one(
-    settings: config.Settings, ready: Callable[[dict[str, int]], None], worker_index: int = 0
+    settings: config.Settings,
+    ready: Callable[[dict[str, int]], None],
+    worker_index: int = 0,
+    memo: SharedMemo | None = None,
 ) -> None:
-    services = build(settings, worker_index)
+    services = build(settings, worker_index, memo)
     try:
         _run_loop(_serve(services, ready))
     finally:
@@ -158,6 +169,8 @@ def _run_workers(
         _run_one(settings, ready)
         return 0
     build(settings).close()  # migrations, keys and certificate once, before the fork
+    conncount.create_node_table(workers)  # shared memory: the MX per-IP cap is node-wide
+    memo = SharedMemo()
     read_end, write_end = os.pipe()
     children: list[int] = []
     for index in range(workers):
@@ -170,7 +183,7 @@ def _run_workers(
                 os.write(write_end, json.dumps(ports).encode() + b"\n")
 
             try:
-                _run_one(settings, report, index)
+                _run_one(settings, report, index, memo)
             except BaseException:
                 import traceback
 

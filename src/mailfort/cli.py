@@ -86,6 +86,13 @@ def cmd_domain(args: argparse.Namespace) -> int:
     elif args.action == "dkim-rotate":
         for key in d.rotate_dkim(args.name):
             print(f"{key.selector}\t{key.algorithm}\t{'active' if key.active else 'retired'}")
+    elif args.action == "dns-rules":
+        if args.state is not None:
+            d.set_dns_rules(args.name, args.state == "on")
+        print("on" if d.dns_rules_enabled(args.name) else "off")
+    elif args.action == "webhook-secret":
+        # The receiver needs it to check signatures; shown only to whoever runs the CLI.
+        print(d.webhook_secret(args.name, rotate=args.rotate).hex())
     return EX_OK
 
 
@@ -162,7 +169,7 @@ def cmd_app_password(args: argparse.Namespace) -> int:
 
 def cmd_deliver(args: argparse.Namespace) -> int:
     from mailfort import delivery
-    from mailfort.store.service import MailStore
+    from mailfort.store.service import MailStore, QuotaExceeded
 
     raw = sys.stdin.buffer.read()
     if not raw.strip():
@@ -179,6 +186,11 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     store = MailStore(_data_dir(args))
     try:
         delivery.deliver_local(store, targets, delivery.with_return_path(raw, args.mail_from))
+    except QuotaExceeded as exc:
+        # Permanent, as Dovecot's LDA by default: a temporary failure would leave the sender
+        # without news for days. No "mailfort:" prefix: pipe(8) reads the status code first.
+        print(delivery.quota_refusal(exc), file=sys.stderr)
+        return delivery.QUOTA_EXIT_CODE
     except Exception as exc:
         # Exit 0 only once the message is durable; anything else asks the MTA to retry.
         raise CliError(f"temporary failure: {type(exc).__name__}", EX_TEMPFAIL) from exc
@@ -279,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     dom.add_parser("remove").add_argument("name")
     dom.add_parser("dns", help="print the zone records the domain needs").add_argument("name")
     dom.add_parser("dkim-rotate", help="new DKIM keys; the old stay published").add_argument("name")
+    rules = dom.add_parser(
+        "dns-rules", help="let the domain's forward-email= TXT records route mail (on/off)"
+    )
+    rules.add_argument("name")
+    rules.add_argument("state", nargs="?", choices=["on", "off"])
+    hook = dom.add_parser("webhook-secret", help="print the key that signs webhook posts")
+    hook.add_argument("name")
+    hook.add_argument("--rotate", action="store_true", help="replace it first")
 
     usr = command("user", cmd_user, "mail accounts").add_subparsers(dest="action", required=True)
     add = usr.add_parser("add", help="create a user; prints a password and a recovery key once")

@@ -53,6 +53,9 @@ class Settings:
     outbound_ca_file: Path | None = None
     # RFC 8461 §3.3 fixes 443 for the policy host; tests serve policies elsewhere.
     mta_sts_port: int = 443
+    # Webhook targets on private, loopback or link-local addresses would let a domain owner
+    # make this server call into the operator's own network (SSRF): off unless allowed.
+    allow_private_webhooks: bool = False
 
     def __post_init__(self) -> None:
         if not self.directory_url:
@@ -80,6 +83,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "smtp": {"trusted_forwarders": list},
     "outbound": {"port": int, "ca_file": str, "mta_sts_port": int},
     "submission": {name: int for name in _LIMIT_NAMES},
+    "forward": {"allow_private_webhooks": bool},
 }
 
 # Environment overrides: the variable, and the TOML key it replaces.
@@ -92,8 +96,10 @@ _ENV = {
     "MAILFORT_OUTBOUND_PORT": "outbound.port",
     "MAILFORT_OUTBOUND_CA_FILE": "outbound.ca_file",
     "MAILFORT_MTA_STS_PORT": "outbound.mta_sts_port",
+    "MAILFORT_FORWARD_ALLOW_PRIVATE_WEBHOOKS": "forward.allow_private_webhooks",
     **{f"MAILFORT_SUBMISSION_{name.upper()}": f"submission.{name}" for name in _LIMIT_NAMES},
 }
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 _LIST_KEYS = {"dns.nameservers", "smtp.trusted_forwarders"}
 
 
@@ -116,7 +122,10 @@ def _check(flat: dict[str, Any]) -> None:
         expected = _SCHEMA.get(section, {}).get(name)
         if expected is None:
             raise ConfigError(f"unknown setting {key!r}")
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if expected is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"setting {key!r} must be true or false, not {value!r}")
+        elif not isinstance(value, expected) or isinstance(value, bool):
             raise ConfigError(f"setting {key!r} must be a {expected.__name__}, not {value!r}")
 
 
@@ -136,6 +145,10 @@ def load(path: Path | None, env: Mapping[str, str] = os.environ) -> Settings:
             section, _, name = key.rpartition(".")
             if key in _LIST_KEYS:
                 flat[key] = [v.strip() for v in value.split(",") if v.strip()]
+            elif _SCHEMA.get(section, {}).get(name) is bool:
+                if value.strip().lower() not in _BOOLEANS:
+                    raise ConfigError(f"{var} must be true or false, not {value!r}")
+                flat[key] = _BOOLEANS[value.strip().lower()]
             elif _SCHEMA.get(section, {}).get(name) is int:
                 try:
                     flat[key] = int(value)
@@ -182,6 +195,7 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         },
         outbound_ca_file=Path(flat["outbound.ca_file"]) if "outbound.ca_file" in flat else None,
         mta_sts_port=int(flat.get("outbound.mta_sts_port", 443)),
+        allow_private_webhooks=bool(flat.get("forward.allow_private_webhooks", False)),
     )
     if "hostname" in flat:
         settings.hostname = flat["hostname"]

@@ -11,7 +11,18 @@ from dataclasses import dataclass
 
 from mailfort.directory.service import Directory, Route, RouteKind, User
 from mailfort.outbound.queue import Queue
-from mailfort.store.service import MailStore, Recipient
+from mailfort.store.service import MailStore, QuotaExceeded, Recipient
+
+#: A full mailbox refuses the message for good, as Dovecot's LDA and LMTP do by default
+#: (``quota_full_tempfail = no``): the sender learns at once that the mail did not arrive,
+#: instead of after days of retries (Postfix sends no delay warning by default).
+#: ``mailfort deliver`` exits EX_NOPERM (77), dovecot-lda's code for it, with the enhanced
+#: status first on stderr, which Postfix's pipe(8) and local(8) put in the bounce; the MX
+#: answers 552 5.2.2 (RFC 3463 X.2.2 "mailbox full"; RFC 5321 §4.2.2 552).
+QUOTA_EXIT_CODE = 77
+QUOTA_SMTP_CODE = 552
+QUOTA_STATUS = "5.2.2"
+QUOTA_TEXT = "Mailbox full"
 
 
 class UnknownRecipient(Exception):
@@ -70,5 +81,22 @@ async def deliver_bounce(
 
 
 def deliver_local(store: MailStore, targets: LocalTargets, raw: bytes) -> None:
+    """File ``raw`` for every user of the route.
+
+    Raises :class:`QuotaExceeded` if a mailbox was full, after filing the message for the
+    others: an alias's other members get it whatever one member's quota says.
+    """
+    full: QuotaExceeded | None = None
     for user in targets.users:
-        store.deliver_sync(recipient(user), raw)
+        try:
+            store.deliver_sync(recipient(user), raw)
+        except QuotaExceeded as exc:
+            full = full or exc
+    if full is not None:
+        raise full
+
+
+def quota_refusal(exc: QuotaExceeded) -> str:
+    """The one line that refuses mail for a full mailbox (stderr of ``mailfort deliver``,
+    after the SMTP code at the MX): enhanced status first, for the MTA's bounce."""
+    return f"{QUOTA_STATUS} {QUOTA_TEXT} ({exc})"

@@ -251,23 +251,54 @@ def evaluate(
 def author_domains(headers: Iterable[tuple[bytes, bytes]]) -> list[str] | None:
     """Domains of the RFC5322.From addresses (§6.6.1), unique, in order.
 
-    None when the From field is missing or holds no usable address.
+    None when the From field is missing or holds no usable address. A value that is one
+    plain mailbox (`_PLAIN_FROM`) is read directly; anything else (groups, comments,
+    quoted strings, encoded words, several addresses, non-ASCII) goes through
+    email.headerregistry, as every value did before. The parser cost ~0.2 ms per message;
+    ``tests/test_auth_dmarc_from.py`` checks that both paths give the same domains.
     """
     domains: list[str] = []
     for name, value in headers:
         if name.strip().lower() != b"from":
             continue
         text = value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "").strip()
-        try:
-            header = email.policy.default.header_factory("From", text)
-            addresses = list(getattr(header, "addresses", ()))
-        except Exception:  # the stdlib parser raises a variety of errors on junk
-            addresses = []
-        for addr in addresses:
-            domain = normalise_domain(addr.domain or "")
+        for found in _from_domains(text):
+            domain = normalise_domain(found)
             if domain and domain not in domains:
                 domains.append(domain)
     return domains or None
+
+
+# RFC 5322 atext without "=" and "?" (no encoded word can start) for the display name;
+# "." too (obs-phrase, "John Q. Public"), which the parser takes with a defect noted.
+_NAME_CHARS = r"A-Za-z0-9!#$%&'*+/^_`{|}~.-"
+_ATEXT = r"A-Za-z0-9!#$%&'*+/^_`{|}~-"  # also without "=" and "?" in local parts
+_LOCAL = rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"
+_DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_FROM = re.compile(
+    # A name starting with "." makes the parser find no address at all: not this path.
+    rf"(?:[{_ATEXT}][{_NAME_CHARS}]*(?:[ \t]+[{_NAME_CHARS}]+)*[ \t]*)?<{_LOCAL}@({_DOMAIN})>"
+    rf"|{_LOCAL}@({_DOMAIN})"
+)
+
+
+def _from_domains(text: str) -> list[str]:
+    """The address domains in one unfolded From value, in order (may repeat)."""
+    if text.isascii():
+        m = _PLAIN_FROM.fullmatch(text)
+        if m is not None:
+            return [m.group(1) or m.group(2)]
+    return _parsed_from_domains(text)
+
+
+def _parsed_from_domains(text: str) -> list[str]:
+    """email.headerregistry's reading of a From value: the reference for the fast path."""
+    try:
+        header = email.policy.default.header_factory("From", text)
+        addresses = list(getattr(header, "addresses", ()))
+    except Exception:  # the stdlib parser raises a variety of errors on junk
+        addresses = []
+    return [addr.domain or "" for addr in addresses]
 
 
 def strictest(results: Sequence[DMARCResult]) -> DMARCResult:

@@ -55,7 +55,8 @@ _DOMAIN = re.compile(
 def _comment(text: str) -> str:
     """A CFWS comment (RFC 5322 §3.2.2) that cannot break out of its parentheses."""
     text = " ".join(text.split())  # no CR/LF, no runs of whitespace
-    text = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
+    if not (text.isascii() and text.isprintable()):  # the usual case needs no copy
+        text = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
     text = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
     if len(text) > _COMMENT_MAX:
         text = text[: _COMMENT_MAX - 3].rstrip("\\") + "..."
@@ -70,7 +71,9 @@ def _value(text: str) -> str:
         return text
     if at and _DOMAIN.match(domain) and (not local or _DOT_ATOM.match(local)):
         return text
-    cleaned = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
+    cleaned = text
+    if not (text.isascii() and text.isprintable()):
+        cleaned = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
     return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -243,6 +246,10 @@ def remove_forged_results(raw: bytes, authserv_id: str) -> tuple[bytes, int]:
     """
     ours = authserv_id.lower()
     head, rest = _split_message(raw)
+    if head[:1] not in (b" ", b"\t") and b"authentication-results" not in head.lower():
+        # No orphan continuation (only the first lines can be one) and no field that could
+        # be an Authentication-Results: the loop below would keep every byte.
+        return raw, 0
     kept: list[bytes] = []
     removed = 0
     for f in _split_fields(head):

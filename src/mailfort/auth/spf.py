@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import dns.rdata
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.PTR
 import dns.rdtypes.ANY.TXT
@@ -28,7 +29,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import spf
 
-from mailfort.dns import Resolver, TemporaryDNSError
+from mailfort.dns import NotCached, Resolver, TemporaryDNSError
 
 SPFResultCode = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 Identity = Literal["mailfrom", "helo"]
@@ -40,7 +41,9 @@ DEFAULT_EXPLANATIONS: Final[dict[str, str]] = dict(spf.EXPLANATIONS)
 TOTAL_TIME_LIMIT: Final = 20.0
 
 _log = logging.getLogger(__name__)
-_resolver_var: contextvars.ContextVar[Resolver] = contextvars.ContextVar("mailfort_spf_resolver")
+_resolver_var: contextvars.ContextVar[Resolver | _CacheOnly] = contextvars.ContextVar(
+    "mailfort_spf_resolver"
+)
 _original_lookup: Callable[..., Any] = spf.DNSLookup
 
 # pyspf blocks on DNS. Its own pool keeps slow SPF lookups from occupying the loop's default
@@ -65,6 +68,32 @@ def _forget_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool)
+
+
+class _WouldBlock(Exception):
+    """Raised inside pyspf when an inline check needs a record that is not cached."""
+
+
+class _CacheOnly:
+    """The resolver for an inline attempt (see `_evaluate`): cached answers only.
+
+    ``missed`` is the verdict that counts: pyspf swallows some exceptions (bare
+    ``except:`` around exp= and ptr lookups), so a miss is recorded before raising and
+    the attempt is thrown away whatever pyspf made of it.
+    """
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.missed = False
+
+    def query_sync(
+        self, name: str, rtype: str, lifetime: float | None = None
+    ) -> list[dns.rdata.Rdata]:
+        try:
+            return self.resolver.query_cached(name, rtype)
+        except NotCached:
+            self.missed = True
+            raise _WouldBlock(name) from None
 
 
 @dataclass(frozen=True)
@@ -152,9 +181,14 @@ class _Query(spf.query):  # type: ignore[misc]  # pyspf is untyped
 
 
 def _run_check(
-    resolver: Resolver, ip: str, sender: str, helo: str, receiver: str, identity: Identity
+    resolver: Resolver | _CacheOnly,
+    ip: str,
+    sender: str,
+    helo: str,
+    receiver: str,
+    identity: Identity,
 ) -> SPFCheck:
-    """One pyspf evaluation; runs in a worker thread."""
+    """One pyspf evaluation; runs in a worker thread, or inline with `_CacheOnly`."""
     _resolver_var.set(resolver)  # this thread's private context, see check_spf
     try:
         q = _Query(
@@ -172,6 +206,8 @@ def _run_check(
     # "none" without any lookup; pyspf covers the label checks in dns_spf().
     try:
         result, _code, explanation = q.check()
+    except _WouldBlock:
+        raise  # an inline attempt ends here; the check runs again in a thread
     except Exception:
         # pyspf raises past check() only on its own bugs (an AssertionError on recursion
         # depth, codec errors on odd input). One sender's odd record must not break the
@@ -200,6 +236,32 @@ def _helo_checkable(helo: str) -> bool:
     except ValueError:
         return True
     return False
+
+
+async def _evaluate(
+    resolver: Resolver, ip: str, sender: str, helo: str, receiver: str, identity: Identity
+) -> SPFCheck:
+    """One check: inline on the loop when every record it needs is cached, else in a thread.
+
+    Mail comes from the same senders again and again, so the records are almost always in
+    the resolver's cache; pyspf then needs ~0.1 ms of CPU and never blocks, while a thread
+    hand-off cost about as much again. The inline attempt gets the same answers the
+    thread would (the same cache), and any miss discards it whole, so the outcome is the
+    one the thread path gives.
+    """
+    if resolver.caching:
+        probe = _CacheOnly(resolver)
+        try:
+            # A fresh Context, as in the thread: the resolver variable stays inside it.
+            outcome = contextvars.Context().run(
+                _run_check, probe, ip, sender, helo, receiver, identity
+            )
+        except _WouldBlock:
+            pass
+        else:
+            if not probe.missed:
+                return outcome
+    return await _in_thread(resolver, ip, sender, helo, receiver, identity)
 
 
 async def _in_thread(
@@ -237,10 +299,10 @@ async def check_spf(
     # RFC 7208 §2.4: with a null reverse-path the MAIL FROM identity is postmaster@HELO,
     # which pyspf derives itself; that check *is* the HELO check, so it runs once.
     mf_identity: Identity = "mailfrom" if sender else "helo"
-    mail_task = _in_thread(resolver, ip, sender, helo, receiver, mf_identity)
+    mail_task = _evaluate(resolver, ip, sender, helo, receiver, mf_identity)
     if check_helo and sender and _helo_checkable(helo):
-        # RFC 7208 §2.3: check HELO as well; both run at once in their own threads.
-        helo_task = _in_thread(resolver, ip, "", helo, receiver, "helo")
+        # RFC 7208 §2.3: check HELO as well; both run at once (in threads when not cached).
+        helo_task = _evaluate(resolver, ip, "", helo, receiver, "helo")
         mailfrom, helo_check = await asyncio.gather(mail_task, helo_task)
         return SPFResult(mailfrom, helo_check)
     return SPFResult(await mail_task, None)

@@ -92,6 +92,19 @@ dkim_keys = sa.Table(
 )
 
 
+# Per-domain forwarding settings (issue 5). A row exists only once a setting was changed.
+domain_forwarding = sa.Table(
+    "domain_forwarding",
+    metadata,
+    sa.Column("domain_id", sa.ForeignKey("domains.id", ondelete="CASCADE"), primary_key=True),
+    # Forward Email's DNS TXT rules (forward-email=...) apply: off unless the operator says so,
+    # since whoever controls the zone then decides where the domain's mail goes.
+    sa.Column("dns_rules", sa.Boolean, nullable=False, default=False),
+    # HMAC key for webhook targets, sealed under the server key like the DKIM keys.
+    sa.Column("webhook_secret_sealed", sa.LargeBinary, nullable=True),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[domains, users, aliases, alias_targets, key_slots])
 
@@ -100,8 +113,12 @@ def _v2(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[dkim_keys])
 
 
+def _v3(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[domain_forwarding])
+
+
 # Append-only: each entry moves the schema one version up; released entries never change.
-MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
 LATEST = len(MIGRATIONS)
 
 

@@ -94,6 +94,10 @@ class Route:
     users: tuple[User, ...] = ()
     forwards: tuple[str, ...] = ()  # addresses outside our domains
     tag: str | None = None  # the plus-tag, which travels with the message
+    webhooks: tuple[str, ...] = ()  # https:// URLs that receive the message as JSON
+    # UNKNOWN_USER in a domain whose DNS TXT forwarding rules the operator enabled: the
+    # caller looks the rules up (they live in DNS, not here).
+    dns_rules: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,24 @@ def address_owned(owned: set[str], address: str) -> bool:
         return False
     base, _tag = split_plus(local.lower())
     return f"{base}@{domain}" in owned
+
+
+def webhook_target(url: str) -> str:
+    """An alias target that is a webhook: https only, a host, no credentials in the URL."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme.lower() != "https":
+        raise DirectoryError(f"webhook target {url!r} must use https://")
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise DirectoryError(f"invalid webhook target {url!r} (needs a host, no user:password)")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise DirectoryError(f"invalid webhook target {url!r}: {exc}") from exc
+    if any(c.isspace() or ord(c) < 0x20 for c in url.strip()):
+        raise DirectoryError(f"invalid webhook target {url!r}")
+    return urllib.parse.urlunsplit(
+        ("https", parts.netloc.lower(), parts.path or "/", parts.query, "")
+    )
 
 
 def make_engine(url: str) -> sa.Engine:
@@ -341,6 +363,9 @@ class Directory:
                         f"domain {domain} still has {count} {what}; remove them first"
                     )
             conn.execute(t.dkim_keys.delete().where(t.dkim_keys.c.domain_id == domain_id))
+            conn.execute(
+                t.domain_forwarding.delete().where(t.domain_forwarding.c.domain_id == domain_id)
+            )
             conn.execute(t.domains.delete().where(t.domains.c.id == domain_id))
 
     # ---- users ---------------------------------------------------------------------------
@@ -587,7 +612,73 @@ class Directory:
                 alias_id = self._alias_id(conn, domain_id, candidate)
                 if alias_id is not None:
                     return self._alias_route(conn, alias_id, tag)
-        return Route(RouteKind.UNKNOWN_USER)
+            dns_rules = conn.execute(
+                sa.select(t.domain_forwarding.c.dns_rules).where(
+                    t.domain_forwarding.c.domain_id == domain_id
+                )
+            ).scalar()
+        return Route(RouteKind.UNKNOWN_USER, tag=tag, dns_rules=bool(dns_rules))
+
+    # ---- forwarding settings -------------------------------------------------------------
+
+    def set_dns_rules(self, domain: str, enabled: bool) -> None:
+        """Let (or stop letting) the domain's ``forward-email=`` TXT records route its mail."""
+        name = self._domain_name(domain)
+        with self._write() as conn:
+            domain_id = self._domain_id(conn, name)
+            self._forwarding_row(conn, domain_id)
+            conn.execute(
+                t.domain_forwarding.update()
+                .where(t.domain_forwarding.c.domain_id == domain_id)
+                .values(dns_rules=enabled)
+            )
+
+    def dns_rules_enabled(self, domain: str) -> bool:
+        name = self._domain_name(domain)
+        with self.engine.connect() as conn:
+            domain_id = self._domain_id(conn, name)
+            return bool(
+                conn.execute(
+                    sa.select(t.domain_forwarding.c.dns_rules).where(
+                        t.domain_forwarding.c.domain_id == domain_id
+                    )
+                ).scalar()
+            )
+
+    def webhook_secret(self, domain: str, *, rotate: bool = False) -> bytes:
+        """The domain's webhook signing key, created on first use (or replaced: ``rotate``)."""
+        if self.server_key is None:
+            raise DirectoryError("webhook secrets need the server key")
+        name = self._domain_name(domain)
+        aad = name.encode()
+        with self.engine.connect() as conn:
+            domain_id = self._domain_id(conn, name)
+            sealed = conn.execute(
+                sa.select(t.domain_forwarding.c.webhook_secret_sealed).where(
+                    t.domain_forwarding.c.domain_id == domain_id
+                )
+            ).scalar()
+        if sealed is not None and not rotate:
+            return self.server_key.open(b"webhook", bytes(sealed), aad)
+        secret = pysecrets.token_bytes(32)
+        with self._write() as conn:
+            self._forwarding_row(conn, domain_id)
+            conn.execute(
+                t.domain_forwarding.update()
+                .where(t.domain_forwarding.c.domain_id == domain_id)
+                .values(webhook_secret_sealed=self.server_key.seal(b"webhook", secret, aad))
+            )
+        return secret
+
+    @staticmethod
+    def _forwarding_row(conn: sa.Connection, domain_id: int) -> None:
+        exists = conn.execute(
+            sa.select(t.domain_forwarding.c.domain_id).where(
+                t.domain_forwarding.c.domain_id == domain_id
+            )
+        ).first()
+        if exists is None:
+            conn.execute(t.domain_forwarding.insert().values(domain_id=domain_id, dns_rules=False))
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -599,15 +690,21 @@ class Directory:
         ).scalars()
         users: list[User] = []
         forwards: list[str] = []
+        webhooks: list[str] = []
         for target in targets:
+            if target.startswith("https://"):
+                webhooks.append(target)
+                continue
             user = self._find_user(conn, parse_remote_address(target))
             if user is not None:
                 users.append(user)
             else:
                 forwards.append(target)
-        return Route(RouteKind.LOCAL, tuple(users), tuple(forwards), tag)
+        return Route(RouteKind.LOCAL, tuple(users), tuple(forwards), tag, tuple(webhooks))
 
     def _alias_target(self, conn: sa.Connection, target: str, hosted: set[str]) -> str:
+        if target.lower().startswith(("https://", "http://")):
+            return webhook_target(target)
         try:
             addr = parse_remote_address(target)
         except AddressError as exc:

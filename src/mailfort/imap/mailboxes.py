@@ -79,6 +79,30 @@ class SharedMailbox:
     _data_version: int | None = None
     _draining: bool = False
     _tasks: set[asyncio.Future[int]] = field(default_factory=set)
+    #: folder id -> UIDs below this were claimed as \\Recent by a session of this process.
+    #: Sessions run on one event loop, so checking and moving it is atomic among them;
+    #: the store's ``recent_uid`` carries the claim to other processes.
+    recent_marks: dict[int, int] = field(default_factory=dict)
+
+    def claim_recent(self, folder_id: int, stored_mark: int, uids: list[int]) -> list[int]:
+        """Those of newly seen ``uids`` (ascending) no session has claimed yet, now
+        claimed by the caller (RFC 3501 §2.3.2: \\Recent to one session only)."""
+        floor = max(stored_mark, self.recent_marks.get(folder_id, 0))
+        mine = [u for u in uids if u >= floor]
+        if mine:
+            self.recent_marks[folder_id] = mine[-1] + 1
+            self.mailbox.mark_recent_claimed(folder_id, mine[-1] + 1)
+        return mine
+
+    def claimed(self, folder_id: int, upto: int) -> None:
+        """A SELECT claimed UIDs below ``upto`` through the store."""
+        if upto > self.recent_marks.get(folder_id, 0):
+            self.recent_marks[folder_id] = upto
+
+    def unclaimed(self, folder_id: int, stored_mark: int, uids: list[int]) -> list[int]:
+        """Those of ``uids`` still \\Recent to whoever selects next (EXAMINE, STATUS)."""
+        floor = max(stored_mark, self.recent_marks.get(folder_id, 0))
+        return [u for u in uids if u >= floor]
 
     # -- listeners --------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SearchPlan"]
 
+_EPOCH = dt.datetime(1970, 1, 1)
 _SUMMARY_HEADERS = {"subject": "subject", "from": "from", "to": "to", "cc": "cc", "bcc": "bcc"}
 _TEXT_HEADERS = ("subject", "from", "to", "cc", "bcc")
 
@@ -57,7 +58,7 @@ class SearchPlan:
         self.criteria = criteria
         self._fts: dict[str, set[int] | None] = {}
         self._body: dict[str, set[int]] = {}
-        columns = ["flags", "internal_date", "modseq"]
+        columns = ["flags", "internal_date", "internal_tz", "modseq"]
         for key in _walk(criteria):
             need: list[str] = []
             if isinstance(key, c.SearchSize):
@@ -165,13 +166,21 @@ class SearchMessage:
     @property
     def flags(self) -> AbstractSet[str]:
         flags = set(str(self._col("flags")).split())
-        if self.uid >= self.plan.sel.recent_from:
+        if self.plan.sel.is_recent(self.uid):
             flags.add("\\Recent")
         return flags
 
     @property
     def internal_date(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self._col("internal_date") / 1000, dt.UTC)
+        # In the zone it was given in: RFC 3501 §6.4.4 BEFORE/ON/SINCE compare its date
+        # "disregarding time and timezone", i.e. the date as the client wrote it.
+        # Built from the wall-clock time, not the UTC instant: "01-Jan-0001 00:00:00 +2359"
+        # is a valid date-time whose instant falls in year 0, which datetime cannot hold.
+        minutes = int(self._col("internal_tz"))
+        wall = _EPOCH + dt.timedelta(
+            milliseconds=int(self._col("internal_date")) + minutes * 60_000
+        )
+        return wall.replace(tzinfo=dt.timezone(dt.timedelta(minutes=minutes)))
 
     @property
     def size(self) -> int:

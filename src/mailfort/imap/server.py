@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,7 +24,8 @@ from typing import Any, Protocol
 
 from mailfort.directory.service import Directory
 from mailfort.guard.logins import LoginGuard
-from mailfort.imap.connection import ImapConnection, Send
+from mailfort.imap import commands as c
+from mailfort.imap.connection import CommandReceived, Event, ImapConnection, Send
 from mailfort.imap.mailboxes import MailAccess
 from mailfort.imap.session import Session
 from mailfort.imap.state import ServerPolicy
@@ -36,6 +36,9 @@ from mailfort.tls import server_context
 __all__ = ["ImapServer", "Listener", "Timeouts", "access_for", "listeners", "set_access"]
 
 log = logging.getLogger(__name__)
+
+#: Most pipelined APPENDs filed in one commit (their messages are in memory already).
+_APPEND_BATCH = 256
 
 
 class ServicesLike(Protocol):
@@ -137,8 +140,10 @@ class ImapServer:
 
     async def _serve(self, state: _Conn) -> None:
         conn, io, session = state.conn, state.io, state.session
+        pending: Event | None = None
         while not conn.closing and not session.must_close:
-            event = conn.next_event()
+            event: Event | None = pending if pending is not None else conn.next_event()
+            pending = None
             if event is None:
                 if io.buffered() > 0:
                     await io.drain()
@@ -153,6 +158,23 @@ class ImapServer:
                 if event.close:
                     break
                 continue
+            if isinstance(event, CommandReceived) and isinstance(event.command, c.Append):
+                # APPENDs already buffered behind this one are filed in one commit. APPEND
+                # changes no session state, so reading the next commands early is safe;
+                # the first other event waits its turn.
+                batch = [event.command]
+                while len(batch) < _APPEND_BATCH:
+                    pending = conn.next_event()
+                    if not (
+                        isinstance(pending, CommandReceived)
+                        and isinstance(pending.command, c.Append)
+                    ):
+                        break
+                    batch.append(pending.command)
+                    pending = None
+                if len(batch) > 1:
+                    await session.run_appends(batch)
+                    continue
             await session.handle(event)
         await io.drain()
 
@@ -255,18 +277,6 @@ class Listener(asyncio.AbstractServer):
 _ACCESS: dict[int, tuple[ServicesLike, MailAccess]] = {}
 
 
-#: Default quota (RFC 9208): what GETQUOTA reports as the limit and APPEND/COPY enforce.
-DEFAULT_QUOTA_BYTES = 10 * 1024**3
-DEFAULT_QUOTA_MESSAGES = 1_000_000
-
-
-def _env_int(name: str, default: int) -> int | None:
-    """A quota from the environment; 0 turns the limit off."""
-    value = os.environ.get(name)
-    number = int(value) if value else default
-    return number or None
-
-
 def set_access(services: ServicesLike, access: MailAccess) -> None:
     """Use ``access`` (a custom guard or quota) for the listeners of ``services``."""
     _ACCESS[id(services)] = (services, access)
@@ -275,16 +285,18 @@ def set_access(services: ServicesLike, access: MailAccess) -> None:
 def access_for(services: ServicesLike) -> MailAccess:
     """The logins and open mailboxes shared by the IMAP and POP3 listeners of a process.
 
-    Quota limits come from ``MAILFORT_QUOTA_BYTES`` / ``MAILFORT_QUOTA_MESSAGES`` (0: none).
+    Quota limits are the store's (``MAILFORT_QUOTA_BYTES`` / ``MAILFORT_QUOTA_MESSAGES``,
+    0: none), so APPEND and COPY enforce what delivery does.
     """
     entry = _ACCESS.get(id(services))
     if entry is None or entry[0] is not services:
+        quota = services.store.quota
         access = MailAccess(
             services.directory,
             services.store,
             LoginGuard(),
-            quota_storage=_env_int("MAILFORT_QUOTA_BYTES", DEFAULT_QUOTA_BYTES),
-            quota_messages=_env_int("MAILFORT_QUOTA_MESSAGES", DEFAULT_QUOTA_MESSAGES),
+            quota_storage=quota.storage,
+            quota_messages=quota.messages,
         )
         set_access(services, access)
         return access

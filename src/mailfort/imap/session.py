@@ -15,6 +15,7 @@ or process -- and announces it (RFC 9051 §5.2, §7.4).
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import logging
 import time
 import weakref
@@ -35,6 +36,7 @@ from mailfort.imap.sequence import SequenceSet
 from mailfort.mail import UnknownCTEError
 from mailfort.store.mailbox import (
     DELIMITER,
+    Appended,
     AppendItem,
     Folder,
     FolderEntry,
@@ -44,6 +46,7 @@ from mailfort.store.mailbox import (
     FolderNotFound,
     Mailbox,
 )
+from mailfort.store.quota import Quota, QuotaExceeded
 
 __all__ = ["Output", "Selected", "Session"]
 
@@ -78,9 +81,10 @@ class Selected:
     read_only: bool
     uids: array[int]
     known_modseq: int
-    #: Messages announced during this session are \\Recent to it (RFC 3501 §2.3.2); at
-    #: SELECT none are: which session is "first" cannot be known across processes.
-    recent_from: int
+    #: UIDs \\Recent to this session (RFC 3501 §2.3.2), as ascending half-open ranges:
+    #: those it claimed at SELECT and those it claimed as they arrived.  Usually one or
+    #: two ranges, however many messages: an idle session must stay small.
+    recent: list[tuple[int, int]]
     saved: frozenset[int] = frozenset()  # RFC 5182 "$"
     #: Flag changes this session already reported itself: uid -> modseq.
     own: dict[int, int] = field(default_factory=dict)
@@ -93,7 +97,24 @@ class Selected:
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else 0
 
     def recent_count(self) -> int:
-        return len(self.uids) - bisect.bisect_left(self.uids, self.recent_from)
+        uids = self.uids
+        return sum(
+            bisect.bisect_left(uids, hi) - bisect.bisect_left(uids, lo) for lo, hi in self.recent
+        )
+
+    def is_recent(self, uid: int) -> bool:
+        return any(lo <= uid < hi for lo, hi in self.recent)
+
+    def recent_floor(self) -> int:
+        """No UID below this is \\Recent (a fast path for FETCH FLAGS)."""
+        return self.recent[0][0] if self.recent else 1 << 62
+
+    def add_recent(self, uids: Sequence[int]) -> None:
+        for uid in uids:
+            if self.recent and self.recent[-1][1] == uid:
+                self.recent[-1] = (self.recent[-1][0], uid + 1)
+            else:
+                self.recent.append((uid, uid + 1))
 
 
 # Command type -> handler method name: one table for all sessions, not a dict of bound
@@ -165,7 +186,17 @@ class CommandFailed(Exception):
 class Session:
     """One IMAP client session over :class:`MailAccess` (see the module docstring)."""
 
-    __slots__ = ("access", "conn", "idling", "must_close", "out", "peer_ip", "sel", "shared")
+    __slots__ = (
+        "_prefiled",
+        "access",
+        "conn",
+        "idling",
+        "must_close",
+        "out",
+        "peer_ip",
+        "sel",
+        "shared",
+    )
 
     def __init__(self, access: MailAccess, conn: ImapConnection, out: Output, peer_ip: str) -> None:
         self.access = access
@@ -177,6 +208,10 @@ class Session:
         self.idling: c.Idle | None = None
         #: Set when the session must end after the current output (mailbox deleted).
         self.must_close = False
+        #: Outcomes of pipelined APPENDs already filed together (:meth:`run_appends`).
+        #: Keyed by id(): the commands are alive until answered, and equal commands
+        #: (a reused tag) must not share an outcome.
+        self._prefiled: dict[int, Appended | Exception] | None = None
 
     # ---- plumbing ------------------------------------------------------------------
 
@@ -237,6 +272,29 @@ class Session:
                 )
             )
 
+    async def run_appends(self, cmds: Sequence[c.Append]) -> None:
+        """Pipelined APPENDs the client sent back to back: filed in one store commit
+        (one fsync instead of one each), then answered one by one, in order, exactly as
+        :meth:`run` would answer each (RFC 9051 §5.5 lets a server pipeline them)."""
+        requests: list[c.Append] = []
+        batch: list[tuple[str, list[AppendItem], Quota | None]] = []
+        if self.shared is not None:
+            for cmd in cmds:
+                try:
+                    name, items = self._append_request(cmd)
+                except CommandFailed:
+                    continue  # answered by run() below, the same way
+                requests.append(cmd)
+                batch.append((name, items, self._quota))
+        if batch:
+            outcomes = await self.mailbox.append_many(batch)
+            self._prefiled = {id(c): o for c, o in zip(requests, outcomes, strict=True)}
+        try:
+            for cmd in cmds:
+                await self.run(cmd)
+        finally:
+            self._prefiled = None
+
     async def close(self) -> None:
         """The connection ended: let go of the mailbox (and so of the keys)."""
         shared, self.shared = self.shared, None
@@ -261,10 +319,10 @@ class Session:
     def sync(self, *, expunge_ok: bool) -> bytes:
         """Untagged EXPUNGE/VANISHED, EXISTS and FETCH FLAGS for changes since the client
         was last told (RFC 9051 §7.4.1, §7.5.1; RFC 7162 §3.2.10 with QRESYNC)."""
-        sel = self.sel
-        if sel is None or self.shared is None:
+        sel, shared = self.sel, self.shared
+        if sel is None or shared is None:
             return b""
-        ch = self.shared.mailbox.changes(sel.folder_id, sel.known_modseq)
+        ch = shared.mailbox.changes(sel.folder_id, sel.known_modseq)
         if ch is None:
             # Deleted under us (another session): end the session, as Dovecot does.
             self.must_close = True
@@ -289,12 +347,19 @@ class Session:
             seq = sel.seq_of(uid)
             if not seq:
                 continue
-            recent = " \\Recent" if rev1 and uid >= sel.recent_from else ""
+            recent = " \\Recent" if sel.is_recent(uid) else ""
             item = f"* {seq} FETCH (UID {uid} FLAGS ({flags}{recent})"
             if condstore:
                 item += f" MODSEQ ({modseq})"
             changed.append(item.encode() + b")\r\n")
         if new:
+            if rev1:
+                # RFC 3501 §2.3.2: new mail is \\Recent to the first session told of it.
+                mark = ch.folder.recent_uid
+                if sel.read_only:
+                    sel.add_recent(shared.unclaimed(sel.folder_id, mark, new))
+                else:
+                    sel.add_recent(shared.claim_recent(sel.folder_id, mark, new))
             # Copy on write: the array may be shared with other sessions (_shared_uids).
             sel.uids = sel.uids + array("I", new)
             out.append(b"* %d EXISTS\r\n" % len(sel.uids))
@@ -444,6 +509,20 @@ class Session:
         # reported again as a flag change (harmless), never missed.
         uids = _shared_uids(mbx.uid_list(folder.id))
         s = self.conn.session
+        recent: list[tuple[int, int]] = []
+        if not s.imap4rev2:  # RFC 9051 has no \\Recent: a rev2 session claims nothing
+            shared = self.shared
+            assert shared is not None
+            if cmd.read_only:
+                # RFC 3501 §6.3.2: EXAMINE must not take \\Recent away from anyone.
+                lo = max(folder.recent_uid, shared.recent_marks.get(folder.id, 0))
+                if lo < folder.uidnext:
+                    recent.append((lo, folder.uidnext))
+            else:
+                lo, hi = await mbx.claim_recent(folder.id)
+                if lo < hi:
+                    shared.claimed(folder.id, hi)
+                    recent.append((lo, hi))
         sel = Selected(
             folder.id,
             folder.name,
@@ -451,13 +530,13 @@ class Session:
             cmd.read_only,
             uids,
             folder.highestmodseq,
-            folder.uidnext,
+            recent,
         )
         keywords = sorted(mbx.keywords(folder.id))
         flags = [*SYSTEM_FLAGS, *keywords]
         out = [r.flags(flags).to_bytes(), b"* %d EXISTS\r\n" % len(uids)]
         if not s.imap4rev2:
-            out.append(b"* 0 RECENT\r\n")  # RFC 3501 §7.3.2
+            out.append(b"* %d RECENT\r\n" % sel.recent_count())  # RFC 3501 §7.3.2
             unseen = mbx.first_unseen(folder.id)
             seq = sel.seq_of(unseen) if unseen is not None else 0
             if seq:
@@ -503,8 +582,9 @@ class Session:
             for uid, flags, modseq in rows:
                 seq = sel.seq_of(uid)
                 if seq:
+                    recent = " \\Recent" if sel.is_recent(uid) else ""
                     out.append(
-                        f"* {seq} FETCH (UID {uid} FLAGS ({flags}) MODSEQ ({modseq}))\r\n".encode()
+                        f"* {seq} FETCH (UID {uid} FLAGS ({flags}{recent}) MODSEQ ({modseq}))\r\n".encode()
                     )
         return b"".join(out)
 
@@ -648,7 +728,11 @@ class Session:
             elif item == "HIGHESTMODSEQ":
                 values.append((item, folder.highestmodseq))
             elif item == "RECENT":
-                values.append((item, 0))
+                # RFC 3501 §6.3.10: messages the next session to select would see \Recent.
+                floor = folder.recent_uid
+                if self.shared is not None:
+                    floor = max(floor, self.shared.recent_marks.get(folder.id, 0))
+                values.append((item, self.mailbox.count_from(folder.id, floor)))
             elif item == "APPENDLIMIT":
                 values.append((item, self.conn.policy.append_limit))
             # MAILBOXID needs OBJECTID, which is not advertised: left out.
@@ -659,37 +743,43 @@ class Session:
         self._write(self._status_response(folder, cmd.items))
         self._done(cmd)
 
-    def _check_quota(self, extra_octets: int, extra_messages: int) -> None:
-        a = self.access
-        if a.quota_storage is None and a.quota_messages is None:
-            return
-        used, count = self.mailbox.usage()
-        if (a.quota_storage is not None and used + extra_octets > a.quota_storage) or (
-            a.quota_messages is not None and count + extra_messages > a.quota_messages
-        ):
-            raise CommandFailed("Over quota", "OVERQUOTA")  # RFC 9208 §4.3
+    @property
+    def _quota(self) -> Quota:
+        return Quota(self.access.quota_storage, self.access.quota_messages)
 
-    async def _append(self, cmd: c.Append) -> None:
+    def _append_request(self, cmd: c.Append) -> tuple[str, list[AppendItem]]:
         name = self._name(cmd.mailbox)
         if self.mailbox.find_folder(name) is None:
             # RFC 9051 §6.3.12: TRYCREATE tells the client that CREATE would help.
             raise CommandFailed("No such mailbox", "TRYCREATE")
         if any(not m.data for m in cmd.messages):
             raise CommandFailed("Empty message")
-        self._check_quota(sum(len(m.data) for m in cmd.messages), len(cmd.messages))
         now_ms = int(time.time() * 1000)
         items = [
             AppendItem(
                 m.data,
                 m.flags,
                 int(m.internal_date.timestamp() * 1000) if m.internal_date else now_ms,
+                _zone_minutes(m.internal_date),
             )
             for m in cmd.messages
         ]
+        return name, items
+
+    async def _append(self, cmd: c.Append) -> None:
         try:
-            done = await self.mailbox.append(name, items)
+            prefiled = self._prefiled.pop(id(cmd), None) if self._prefiled else None
+            if prefiled is None:
+                name, items = self._append_request(cmd)
+                done = await self.mailbox.append(name, items, self._quota)
+            elif isinstance(prefiled, Exception):
+                raise prefiled
+            else:
+                done = prefiled
         except FolderNotFound as exc:
             raise CommandFailed("No such mailbox", "TRYCREATE") from exc
+        except QuotaExceeded as exc:
+            raise CommandFailed("Over quota", "OVERQUOTA") from exc  # RFC 9208 §4.3
         self._notify_others()
         # RFC 4315 §3: APPENDUID uidvalidity uid-set.
         code = r.ResponseCode.appenduid(done.uidvalidity, SequenceSet.from_numbers(done.uids))
@@ -863,7 +953,6 @@ class Session:
             unchanged_since=cmd.unchanged_since,
         )
         condstore = self.conn.session.condstore
-        rev1 = not self.conn.session.imap4rev2
         seq_of = dict((u, s) for s, u in targets)
         lines: list[bytes] = []
         for uid, flags, modseq in update.rows:
@@ -871,7 +960,7 @@ class Session:
                 sel.own[uid] = modseq
             parts: list[str] = []
             if not cmd.silent:
-                recent = " \\Recent" if rev1 and uid >= sel.recent_from else ""
+                recent = " \\Recent" if sel.is_recent(uid) else ""
                 parts.append(f"FLAGS ({flags}{recent})")
             elif not (condstore and uid in update.changed):
                 continue
@@ -902,13 +991,14 @@ class Session:
             self._done(cmd)
             return
         uids = [u for _, u in targets]
-        if not move:
-            _, sizes = self._rows(self._index_ranges(cmd.messages, cmd.uid), ("size",))
-            self._check_quota(sum(int(s) for _, s in sizes), len(sizes))
         try:
-            result = await self.mailbox.copy_messages(sel.folder_id, uids, dest, move=move)
+            result = await self.mailbox.copy_messages(
+                sel.folder_id, uids, dest, move=move, quota=self._quota
+            )
         except FolderNotFound as exc:
             raise CommandFailed("No such mailbox", "TRYCREATE") from exc
+        except QuotaExceeded as exc:
+            raise CommandFailed("Over quota", "OVERQUOTA") from exc  # RFC 9208 §4.3
         code = None
         if result.source:
             code = r.ResponseCode.copyuid(
@@ -974,8 +1064,9 @@ class Session:
                 self._notify_others()
         seqs, rows = self._rows(ranges, plan.columns, changed_since=cmd.changed_since)
         source = MessageSource(mbx)
-        # \Recent only for IMAP4rev1 clients (RFC 9051 dropped it).
-        recent_from = sel.recent_from if not self.conn.session.imap4rev2 else 1 << 62
+        # Rows below the first \Recent UID render without a per-row check.
+        recent_from = sel.recent_floor()
+        is_recent = sel.is_recent
         fmt, render_lines = plan.fmt, plan.lines
         for start in range(0, len(rows), _ROWS_PER_WRITE):
             end = start + _ROWS_PER_WRITE
@@ -985,10 +1076,12 @@ class Session:
                 if not plan.has_flags or rows[min(end, len(rows)) - 1][0] < recent_from:
                     lines = render_lines(fmt, chunk)
                 else:
-                    lines = [
-                        render_fetch(plan, seq, r, source, recent=r[0] >= recent_from)
-                        for seq, r in chunk
-                    ]
+                    # \Recent goes into the flags column, so the format still does the rest.
+                    fx = plan.index["flags_wire"]
+                    lines = render_lines(
+                        fmt,
+                        ((seq, _with_recent(r, fx) if is_recent(r[0]) else r) for seq, r in chunk),
+                    )
             else:
                 lines = []
                 size = 0
@@ -1000,7 +1093,7 @@ class Session:
                             seq,
                             row,
                             source,
-                            recent=uid >= recent_from,
+                            recent=is_recent(uid),
                             seen_now=seen_now.get(uid),
                         )
                     except UnknownCTEError as exc:
@@ -1017,6 +1110,18 @@ class Session:
             self.out.write(b"".join(lines))
             await self.out.drain()
         self._done(cmd, expunge_ok=cmd.uid)
+
+
+def _with_recent(row: tuple[Any, ...], flags_at: int) -> tuple[Any, ...]:
+    flags = bytes(row[flags_at])
+    flags = flags + b" \\Recent" if flags else b"\\Recent"
+    return (*row[:flags_at], flags, *row[flags_at + 1 :])
+
+
+def _zone_minutes(when: dt.datetime | None) -> int:
+    """The zone of an APPEND date-time in minutes east of UTC (RFC 9051 §9 zone)."""
+    offset = when.utcoffset() if when is not None else None
+    return int(offset.total_seconds() // 60) if offset is not None else 0
 
 
 def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""A small HTTPS/1.1 client: one request per connection, for MTA-STS and TLS-RPT.
+"""A small HTTPS/1.1 client: one request per connection, for MTA-STS, TLS-RPT and webhooks.
 
 Why not a general HTTP client: both uses need the host name resolved through
 `mailfort.dns.Resolver` (so a test DNS server or the operator's resolver decides the
@@ -6,6 +6,10 @@ address) while SNI and certificate verification stay on the name, never follow
 redirects (RFC 8461 §3.3), cap the body size and the total time, and never reuse a
 connection. h11 parses the protocol (status line, headers, chunked or sized bodies);
 the socket work is asyncio's.
+
+Webhook delivery resolves and vets the addresses itself (its SSRF guard) and passes them
+in ``addresses``, so the connection goes to exactly the address that was checked: a
+second lookup here could be answered differently (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -58,18 +62,25 @@ async def request(
     headers: Sequence[tuple[str, str]] = (),
     timeout: float = 60.0,
     max_body: int = 65536,
+    addresses: Sequence[str] | None = None,
+    truncate_body: bool = False,
 ) -> Response:
     """Send one request to ``https://host:port/path`` and return the full response.
 
     Every address of ``host`` is tried in the resolver's order (IPv6 first) until one
-    connects; ``timeout`` bounds the whole exchange, lookups included.
+    connects; ``timeout`` bounds the whole exchange, lookups included. ``addresses``,
+    when given, replaces the lookup: only those are tried, in that order, while SNI and
+    certificate verification stay on ``host``. With ``truncate_body`` a body over
+    ``max_body`` is cut there and the response returned at once (the rest is never
+    read) instead of raising `BodyTooLarge`: for callers that need only the status.
     """
     try:
         async with asyncio.timeout(timeout):
-            try:
-                addresses = await resolver.addresses(host)
-            except TemporaryDNSError as exc:
-                raise HTTPSError(f"address lookup for {host} failed") from exc
+            if addresses is None:
+                try:
+                    addresses = await resolver.addresses(host)
+                except TemporaryDNSError as exc:
+                    raise HTTPSError(f"address lookup for {host} failed") from exc
             if not addresses:
                 raise HTTPSError(f"{host} has no address")
             last: HTTPSError | None = None
@@ -86,7 +97,16 @@ async def request(
                     continue
                 try:
                     return await _exchange(
-                        reader, writer, method, host, port, path, body, headers, max_body
+                        reader,
+                        writer,
+                        method,
+                        host,
+                        port,
+                        path,
+                        body,
+                        headers,
+                        max_body,
+                        truncate_body,
                     )
                 except BaseException:
                     # No TLS close_notify exchange with a peer that misbehaved or when
@@ -113,9 +133,12 @@ async def _exchange(
     body: bytes,
     extra: Sequence[tuple[str, str]],
     max_body: int,
+    truncate_body: bool,
 ) -> Response:
     conn = h11.Connection(our_role=h11.CLIENT)
-    authority = host if port == 443 else f"{host}:{port}"
+    # RFC 9110 §7.2 / RFC 3986 §3.2.2: an IPv6 literal goes in brackets in Host.
+    bracketed = f"[{host}]" if ":" in host else host
+    authority = bracketed if port == 443 else f"{bracketed}:{port}"
     # A plain client: no cookies, no caching (RFC 8461 §3.3 forbids HTTP caching), and a
     # product name without a version, which tells a server nothing worth attacking.
     head = [("Host", authority), ("User-Agent", "mailfort"), ("Connection", "close")]
@@ -146,14 +169,18 @@ async def _exchange(
                     key = name.decode("ascii").lower()
                     text = value.decode("latin-1")
                     headers[key] = f"{headers[key]}, {text}" if key in headers else text
+                if truncate_body and max_body == 0:
+                    return Response(status, headers, b"")
                 length = headers.get("content-length", "")
-                if length.isdigit() and int(length) > max_body:
+                if not truncate_body and length.isdigit() and int(length) > max_body:
                     raise BodyTooLarge(f"{host}: body of {length} octets over {max_body}")
             elif isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > max_body:
-                    raise BodyTooLarge(f"{host}: body over {max_body} octets")
                 chunks.append(bytes(event.data))
+                if size > max_body:
+                    if truncate_body:
+                        return Response(status, headers, b"".join(chunks)[:max_body])
+                    raise BodyTooLarge(f"{host}: body over {max_body} octets")
             elif isinstance(event, h11.EndOfMessage):
                 return Response(status, headers, b"".join(chunks))
             else:  # ConnectionClosed or PAUSED before the end of the message

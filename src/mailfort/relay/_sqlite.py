@@ -10,6 +10,7 @@ with single UPSERT statements keep that safe without a lock of our own.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 
@@ -17,7 +18,18 @@ def connect(path: Path, schema: str) -> sqlite3.Connection:
     """Open ``path`` (created with ``schema`` if new) for one unit of work."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Switching to WAL takes a lock without calling the busy handler (SQLite answers "database
+    # is locked" at once), so workers opening a new file together retry here themselves.
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(schema)
     return conn

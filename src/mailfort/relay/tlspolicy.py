@@ -1,6 +1,7 @@
 """Which TLS each MX of a recipient domain gets, and whether a session met it.
 
-The delivery client uses it like this (one plan per domain and delivery attempt)::
+The delivery client uses it like this (one plan per domain and delivery attempt, or one per
+``plan_ttl`` seconds)::
 
     plan = await tls.plan(domain, mx_hosts)          # MX hosts in preference order
     for mx in plan.candidates:                       # MXs the policy rules out are gone
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -63,6 +65,10 @@ __all__ = [
     "opportunistic_context",
     "pkix_context",
 ]
+
+
+# Plans kept at most (expired ones are dropped when it is reached).
+_PLAN_CACHE_MAX = 10_000
 
 
 class TLSMode(StrEnum):
@@ -160,6 +166,14 @@ class TLSPolicy:
 
     ``dane_required``: recipient domains whose MXs must all have authenticated TLSA
     records (local policy; a failure is reported as ``dane-required``, RFC 8460 §4.3.2.1).
+
+    ``plan_ttl``: seconds a plan is reused for the same domain and MX list (0: planned
+    afresh for every attempt). Planning reads the MTA-STS cache and asks DNS for TLSA
+    records of every MX; a queue delivering hundreds of messages a second to one domain
+    need not repeat that for each. A plan changes no faster than its inputs: a policy is
+    cached for its max_age anyway (RFC 8461 §3.3), and a TLSA change is seen within
+    ``plan_ttl`` seconds, as a resolver cache delays it by up to the record's TTL.
+    Concurrent attempts for an uncached domain share one planning.
     """
 
     resolver: Resolver
@@ -168,7 +182,11 @@ class TLSPolicy:
     dane: bool = True
     ca_file: str | Path | None = None
     dane_required: Collection[str] = ()
+    plan_ttl: float = 0.0
     _contexts: dict[str, ssl.SSLContext] = field(default_factory=dict, init=False, repr=False)
+    _plans: dict[tuple[str, tuple[str, ...]], tuple[float, asyncio.Task[DeliveryPlan]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     # -- planning ----------------------------------------------------------------------
 
@@ -178,6 +196,26 @@ class TLSPolicy:
         No candidates left means defer, never bounce (RFC 8461 §5.1)."""
         domain = normalize_host(domain)
         hosts = [h for h in (normalize_host(h) for h in mx_hosts) if h]
+        if self.plan_ttl <= 0:
+            return await self._plan(domain, hosts)
+        key = (domain, tuple(hosts))
+        now = time.monotonic()
+        cached = self._plans.get(key)
+        if cached is None or cached[0] <= now:
+            if len(self._plans) >= _PLAN_CACHE_MAX:
+                self._plans = {k: v for k, v in self._plans.items() if v[0] > now}
+            task = asyncio.get_running_loop().create_task(self._plan(domain, hosts))
+            cached = self._plans[key] = (now + self.plan_ttl, task)
+        task = cached[1]
+        try:
+            # shield: one waiter cancelled must not cancel the planning the others share.
+            return await asyncio.shield(task)
+        except Exception:
+            if self._plans.get(key) is cached:
+                del self._plans[key]  # a failed planning is not kept
+            raise
+
+    async def _plan(self, domain: str, hosts: list[str]) -> DeliveryPlan:
         sts = await self.mtasts.policy_for(domain) if self.mtasts is not None else None
         if sts is not None and sts.error is not None and self.reporter is not None:
             # A fetch that failed is counted once per plan, under the policy that stood

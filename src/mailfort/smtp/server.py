@@ -18,6 +18,7 @@ from aiosmtpd import smtp as _aiosmtpd
 from aiosmtpd.smtp import SMTP
 
 from mailfort.smtp.codes import with_enhanced_code
+from mailfort.smtp.conncount import SharedConnectionCounts, TableFull
 
 DATA_SIZE_LIMIT = 50 * 1024 * 1024
 # RFC 5321 §4.5.3.1.6 says 1000, but real mail carries longer lines and Postfix takes
@@ -25,8 +26,15 @@ DATA_SIZE_LIMIT = 50 * 1024 * 1024
 LINE_LIMIT = 64 * 1024
 MAX_PER_IP = 20
 
+log = logging.getLogger("mailfort.smtp.server")
+
 # aiosmtpd logs peers' addresses and the envelope at INFO and above: our logs carry neither.
 logging.getLogger("mail.log").disabled = True
+
+
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) else "local"
 
 
 class ConnectionTable:
@@ -36,22 +44,93 @@ class ConnectionTable:
     handshake that fails after STARTTLS never reaches our connection_lost, so a counter
     decremented there would leak; a closed transport reports ``is_closing()`` whatever
     path closed it.
+
+    With ``shared`` (a `conncount.SharedConnectionCounts` made before the workers were
+    forked) the cap holds for the node: this worker publishes its own live count per
+    address into its column of the shared table, and the cap applies to the sum over the
+    workers. The local transports stay the truth; `release` (connection_lost, a failed
+    STARTTLS) publishes a closed connection at once, and a sweep every few seconds
+    republishes whatever closed by a path that told nobody.
     """
 
-    def __init__(self) -> None:
+    SWEEP_SECONDS = 2.0
+
+    def __init__(self, shared: SharedConnectionCounts | None = None, worker: int = 0) -> None:
         self._by_ip: dict[str, set[asyncio.BaseTransport]] = {}
         self._admitted = 0
+        self._shared = shared
+        self._worker = worker
+        self._published: dict[str, int] = {}  # what our column in ``shared`` holds
+        self._sweep_handle: asyncio.TimerHandle | None = None
 
-    def admit(self, transport: asyncio.BaseTransport, limit: int) -> bool:
-        peer = transport.get_extra_info("peername")
-        ip = peer[0] if isinstance(peer, tuple) else "local"
+    def admit(self, transport: asyncio.BaseTransport, limit: int, ip: str | None = None) -> bool:
+        if ip is None:
+            ip = peer_address(transport)
         self._admitted += 1
         if self._admitted % 1024 == 0:  # now and then, forget addresses gone quiet
             self._by_ip = {k: v for k, v in self._by_ip.items() if self._live(v)}
         live = self._live(self._by_ip.get(ip, set()))
         live.add(transport)
         self._by_ip[ip] = live
-        return len(live) <= limit
+        if self._shared is None:
+            return len(live) <= limit
+        if self._publish(ip, len(live)) <= limit:
+            self._schedule_sweep()
+            return True
+        # Refused: it never counts, here or in the other workers' view.
+        live.discard(transport)
+        self._publish(ip, len(live))
+        return False
+
+    def release(self, transport: asyncio.BaseTransport, ip: str) -> None:
+        """The connection ended (idempotent)."""
+        live = self._by_ip.get(ip)
+        if live is None or transport not in live:
+            return
+        live.discard(transport)
+        if self._shared is not None:
+            self._publish(ip, len(self._live(live)))
+
+    def count(self, ip: str) -> int:
+        """Live connections from ``ip``: node-wide with a shared table, else this worker's."""
+        if self._shared is not None:
+            return self._shared.count(ip)
+        return len(self._live(self._by_ip.get(ip, set())))
+
+    def _publish(self, ip: str, live: int) -> int:
+        """Make our column for ``ip`` say ``live``; the node-wide count after it."""
+        assert self._shared is not None
+        delta = live - self._published.get(ip, 0)
+        try:
+            total = self._shared.add(self._worker, ip, delta) if delta else self._shared.count(ip)
+        except TableFull:
+            # More addresses connected at once than the table has slots: keep the cap
+            # per worker for this one rather than refuse everyone.
+            log.warning("shared connection table full; per-worker cap for new addresses")
+            return live
+        if live:
+            self._published[ip] = live
+        else:
+            self._published.pop(ip, None)
+        return total
+
+    def _schedule_sweep(self) -> None:
+        if self._sweep_handle is None:
+            loop = asyncio.get_running_loop()
+            self._sweep_handle = loop.call_later(self.SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        for ip in list(self._by_ip):
+            live = self._live(self._by_ip[ip])
+            if live:
+                self._by_ip[ip] = live
+            else:
+                del self._by_ip[ip]
+            if self._published.get(ip, 0) != len(live):
+                self._publish(ip, len(live))
+        if self._by_ip:
+            self._schedule_sweep()
 
     @staticmethod
     def _live(transports: set[asyncio.BaseTransport]) -> set[asyncio.BaseTransport]:
@@ -128,6 +207,8 @@ class MailfortSMTP(SMTP):
         self._connections = connections
         self._max_per_ip = max_per_ip
         self._counted = False
+        self._counted_transport: asyncio.BaseTransport | None = None
+        self._counted_ip = ""
         self._raw_replies = False
         self._refused = False
         self._groupable = False
@@ -257,7 +338,9 @@ class MailfortSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._counted:  # STARTTLS calls this again on the same connection
             self._counted = True
-            if not self._connections.admit(transport, self._max_per_ip):
+            self._counted_transport = transport
+            self._counted_ip = peer_address(transport)
+            if not self._connections.admit(transport, self._max_per_ip, self._counted_ip):
                 self._refused = True
                 # uvloop's transports are not asyncio.WriteTransport subclasses, but write.
                 cast(asyncio.WriteTransport, transport).write(
@@ -268,8 +351,14 @@ class MailfortSMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         if not self._refused:  # a refused connection never started an SMTP session
             super().connection_lost(exc)
+
+    def _release(self) -> None:
+        if self._counted_transport is not None:
+            self._connections.release(self._counted_transport, self._counted_ip)
+            self._counted_transport = None
 
     def eof_received(self) -> bool:
         # aiosmtpd stops the session at EOF but keeps a plain socket half-open (CLOSE-WAIT)
@@ -285,6 +374,7 @@ class MailfortSMTP(SMTP):
             # dead TLS layer until the idle timeout; end the connection now instead.
             if self._original_transport is not None:
                 cast(asyncio.Transport, self._original_transport).abort()
+            self._release()  # our connection_lost will not run: the TLS layer holds it
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             if self._handler_coroutine is not None:
@@ -307,15 +397,32 @@ class MailfortSMTP(SMTP):
             self._held.clear()
         else:
             data = response + b"\r\n"
-        self._writer.write(data)
-        await self._writer.drain()
+        await self._send(data)
 
     async def _flush(self) -> None:
         if self._held and self.transport is not None:
             data = b"".join(self._held)
             self._held.clear()
-            self._writer.write(data)
-            await self._writer.drain()
+            await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        """StreamWriter.write + drain, without the drain when it would return at once.
+
+        drain() raises the reader's error, yields once when the transport is closing, and
+        waits while the transport is paused (buffer above the high-water mark) or raises
+        when the connection is lost. When none of that applies it returns immediately,
+        and its two coroutine calls per reply are all it costs; skip them then.
+        """
+        writer = self._writer
+        writer.write(data)
+        if (
+            # asyncio.FlowControlMixin's own flags, the ones drain() reads (not in typeshed)
+            self._paused  # type: ignore[attr-defined]
+            or self._connection_lost  # type: ignore[attr-defined]
+            or writer.transport.is_closing()
+            or self._reader.exception() is not None
+        ):
+            await writer.drain()
 
     def _command_waiting(self) -> bool:
         """Whether a whole command line from the client is buffered, unread, already."""
@@ -340,6 +447,15 @@ class MailfortSMTP(SMTP):
     async def smtp_RSET(self, arg: str) -> None:
         await self._grouped(super().smtp_RSET, arg)
 
+    async def smtp_QUIT(self, arg: str) -> None:
+        if not arg:
+            # The session ends with this reply. Give the slot back before the client can
+            # read it: a client that reconnects at once (one connection per message, as
+            # smtp-source and many MTAs do) may land on another worker, which must not
+            # still count the old connection against the node-wide cap.
+            self._release()
+        await super().smtp_QUIT(arg)
+
     async def smtp_EHLO(self, hostname: str) -> None:
         # EHLO keywords must stay bare (RFC 2034 §3): no enhanced codes in this reply.
         self._raw_replies = True
@@ -360,7 +476,7 @@ class MailfortSMTP(SMTP):
 
 
 # HELP reads the syntax aiosmtpd's decorator put on its methods: keep it on our wrappers.
-for _name in ("smtp_MAIL", "smtp_RCPT", "smtp_RSET"):
+for _name in ("smtp_MAIL", "smtp_RCPT", "smtp_RSET", "smtp_QUIT"):
     for _attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
         if hasattr(getattr(SMTP, _name), _attr):
             setattr(getattr(MailfortSMTP, _name), _attr, getattr(getattr(SMTP, _name), _attr))
@@ -388,10 +504,13 @@ def smtp_factory(
     timeout: float = 300,
     max_per_ip: int = MAX_PER_IP,
     protocol: type[MailfortSMTP] = MailfortSMTP,
+    connections: ConnectionTable | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A protocol factory for ``loop.create_server``."""
-    connections = ConnectionTable()
+    """A protocol factory for ``loop.create_server``; ``connections`` defaults to a table
+    of this listener's own (per process)."""
+    if connections is None:
+        connections = ConnectionTable()
 
     def make() -> MailfortSMTP:
         return protocol(

@@ -9,6 +9,7 @@ and the searchable text live beside the raw bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -22,11 +23,12 @@ from typing import Any, Literal
 import apsw
 
 from mailfort.mail import MessageMeta, extract_meta, to_crlf, to_wire
-from mailfort.store.committer import GroupCommitter
+from mailfort.store.committer import CommitterClosed, GroupCommitter
+from mailfort.store.quota import Quota
 from mailfort.store.spool import Delivery
 from mailfort.store.sqlite import fsync_dir, open_encrypted
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Folder names are paths; this separates their levels (the IMAP hierarchy delimiter).
 DELIMITER = "/"
@@ -101,6 +103,28 @@ _SCHEMA_V2 = [
 ]
 
 
+# Version 3 (each step checks before it changes, so it can run over a file that already has
+# part of it, e.g. one created by this version's _create and then marked older):
+# - folders.recent_uid: UIDs below it were claimed as \\Recent by a session (RFC 3501
+#   §2.3.2); SELECT moves it up to UIDNEXT. Existing mail is not new: it starts at UIDNEXT.
+# - messages.internal_tz: the zone offset (minutes) of the INTERNALDATE, which APPEND names
+#   (RFC 9051 §6.3.12) and FETCH must give back; delivered mail is stamped in UTC.
+# - usage counters kept by triggers, so a quota check inside each delivery's transaction
+#   reads one row instead of summing the mailbox, and no write path can forget them.
+_USAGE_TRIGGERS = [
+    """CREATE TRIGGER IF NOT EXISTS usage_insert AFTER INSERT ON messages BEGIN
+        UPDATE counters SET value = value + 1 WHERE name = 'usage_messages';
+        UPDATE counters SET value = value + (SELECT size FROM contents WHERE id = NEW.content_id)
+            WHERE name = 'usage_octets';
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_delete AFTER DELETE ON messages BEGIN
+        UPDATE counters SET value = value - 1 WHERE name = 'usage_messages';
+        UPDATE counters SET value = value - (SELECT size FROM contents WHERE id = OLD.content_id)
+            WHERE name = 'usage_octets';
+    END""",
+]
+
+
 class FolderNotFound(KeyError):
     pass
 
@@ -125,6 +149,8 @@ class Folder:
     uidvalidity: int
     uidnext: int
     highestmodseq: int
+    #: UIDs from here on have not been claimed as \\Recent by any session yet.
+    recent_uid: int = 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +215,7 @@ class Mailbox:
                     (name, use, base + i),
                 )
             Mailbox._upgrade_v2(con)
+            Mailbox._upgrade_v3(con)
             con.pragma("user_version", SCHEMA_VERSION)
 
     @staticmethod
@@ -199,8 +226,10 @@ class Mailbox:
             version = con.pragma("user_version")  # again, now that the write lock is held
             if version == 0:
                 Mailbox._create(con)
-            elif version == 1:
-                Mailbox._upgrade_v2(con)
+            elif version < SCHEMA_VERSION:
+                if version == 1:
+                    Mailbox._upgrade_v2(con)
+                Mailbox._upgrade_v3(con)
                 con.pragma("user_version", SCHEMA_VERSION)
             con.execute("COMMIT")
         except BaseException:
@@ -218,6 +247,28 @@ class Mailbox:
         top: list[Any] = con.execute("SELECT coalesce(max(uidvalidity), 0) FROM folders").fetchall()
         con.execute(
             "INSERT INTO counters(name, value) VALUES ('uidvalidity', ?)", (int(top[0][0]),)
+        )
+
+    @staticmethod
+    def _upgrade_v3(con: apsw.Connection) -> None:
+        def columns(table: str) -> set[str]:
+            return {str(r[1]) for r in con.execute(f"PRAGMA table_info({table})")}
+
+        if "recent_uid" not in columns("folders"):
+            con.execute("ALTER TABLE folders ADD COLUMN recent_uid INTEGER NOT NULL DEFAULT 1")
+            con.execute("UPDATE folders SET recent_uid = uidnext")
+        if "internal_tz" not in columns("messages"):
+            con.execute("ALTER TABLE messages ADD COLUMN internal_tz INTEGER NOT NULL DEFAULT 0")
+        for stmt in _USAGE_TRIGGERS:
+            con.execute(stmt)
+        # Counted again from the rows, in the transaction that created the triggers.
+        row: list[Any] = con.execute(
+            "SELECT count(*), coalesce(sum(c.size), 0) FROM messages m"
+            " JOIN contents c ON c.id = m.content_id"
+        ).fetchall()
+        con.executemany(
+            "INSERT OR REPLACE INTO counters(name, value) VALUES (?, ?)",
+            [("usage_messages", int(row[0][0])), ("usage_octets", int(row[0][1]))],
         )
 
     @staticmethod
@@ -261,10 +312,12 @@ class Mailbox:
         digest: bytes,
         meta: MessageMeta,
         flags: Sequence[str] = (),
+        quota: Quota | None = None,
     ) -> Filed:
         seen = con.execute("SELECT 1 FROM deliveries WHERE id = ?", (delivery.delivery_id,))
         if seen.fetchall():
             return Filed(delivery.folder, 0, duplicate=True)
+        Mailbox._check_quota(con, quota, len(delivery.raw), 1)
         row: list[Any] = con.execute(
             "SELECT id, uidnext, highestmodseq FROM folders WHERE name = ?", (delivery.folder,)
         ).fetchall()
@@ -307,16 +360,20 @@ class Mailbox:
         con.execute("INSERT INTO content_text(rowid, text) VALUES (?, ?)", (content_id, searchable))
         return content_id
 
-    async def deliver(self, delivery: Delivery, flags: Sequence[str] = ()) -> Filed:
-        import asyncio
-
+    async def deliver(
+        self, delivery: Delivery, flags: Sequence[str] = (), quota: Quota | None = None
+    ) -> Filed:
         digest, meta = await asyncio.to_thread(self.prepare, delivery.raw)
-        return await self.committer.run(lambda con: self.file(con, delivery, digest, meta, flags))
+        return await self.committer.run(
+            lambda con: self.file(con, delivery, digest, meta, flags, quota)
+        )
 
-    def deliver_sync(self, delivery: Delivery, flags: Sequence[str] = ()) -> Filed:
+    def deliver_sync(
+        self, delivery: Delivery, flags: Sequence[str] = (), quota: Quota | None = None
+    ) -> Filed:
         digest, meta = self.prepare(delivery.raw)
         return self.committer.submit(
-            lambda con: self.file(con, delivery, digest, meta, flags)
+            lambda con: self.file(con, delivery, digest, meta, flags, quota)
         ).result()
 
     def set_flags(self, folder: str, uid: int, flags: Iterable[str]) -> int:
@@ -380,7 +437,7 @@ class Mailbox:
     @staticmethod
     def _folder(con: apsw.Connection, name: str) -> Folder:
         row: list[Any] = con.execute(
-            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq"
+            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid"
             " FROM folders WHERE name = ?",
             (name,),
         ).fetchall()
@@ -393,7 +450,7 @@ class Mailbox:
 
     def folders(self) -> list[Folder]:
         rows = self.reader.execute(
-            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq"
+            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid"
             " FROM folders ORDER BY id"
         )
         return [Folder(*r) for r in rows]
@@ -464,7 +521,7 @@ class Mailbox:
 
     def folder_by_id(self, folder_id: int) -> Folder | None:
         row: list[Any] = self.reader.execute(
-            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq"
+            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid"
             " FROM folders WHERE id = ?",
             (folder_id,),
         ).fetchall()
@@ -472,10 +529,11 @@ class Mailbox:
 
     def folder_entries(self) -> list[FolderEntry]:
         rows = self.reader.execute(
-            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, subscribed"
+            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid,"
+            " subscribed"
             " FROM folders ORDER BY name"
         )
-        return [FolderEntry(Folder(*r[:6]), bool(r[6])) for r in rows]
+        return [FolderEntry(Folder(*r[:7]), bool(r[7])) for r in rows]
 
     def folder_counts(self, folder_id: int, *, size: bool = False) -> FolderCounts:
         """STATUS MESSAGES/UNSEEN/DELETED (one scan of the flags) and SIZE if asked."""
@@ -497,11 +555,24 @@ class Mailbox:
 
     def usage(self) -> tuple[int, int]:
         """(octets, messages) over every folder: what a quota counts."""
-        row: list[Any] = self.reader.execute(
-            "SELECT coalesce(sum(s.size), 0), count(*) FROM messages m"
-            " JOIN summaries s ON s.id = m.content_id"
-        ).fetchall()
-        return int(row[0][0]), int(row[0][1])
+        return self._usage(self.reader)
+
+    @staticmethod
+    def _usage(con: apsw.Connection) -> tuple[int, int]:
+        # Kept by triggers (schema v3): a message copied to two folders counts twice,
+        # as the user sees it, though its content is stored once.
+        values: dict[str, int] = {
+            str(name): int(value)
+            for name, value in con.execute(
+                "SELECT name, value FROM counters WHERE name IN ('usage_octets', 'usage_messages')"
+            )
+        }
+        return values.get("usage_octets", 0), values.get("usage_messages", 0)
+
+    @staticmethod
+    def _check_quota(con: apsw.Connection, quota: Quota | None, octets: int, messages: int) -> None:
+        if quota is not None and quota.limited:
+            quota.check(*Mailbox._usage(con), octets, messages)
 
     def keywords(self, folder_id: int) -> set[str]:
         """Keywords in use in a folder (for the FLAGS response): distinct flag sets are few."""
@@ -511,6 +582,40 @@ class Mailbox:
         ):
             out.update(f for f in flags.split() if not f.startswith("\\"))
         return out
+
+    async def claim_recent(self, folder_id: int) -> tuple[int, int]:
+        """RFC 3501 §2.3.2: the first read-write session to select a folder after mail
+        arrived is the one to which that mail is \\Recent.  Claims the UIDs not claimed
+        yet, atomically across sessions and processes, and returns them as ``[lo, hi)``
+        (empty when there was nothing to claim: then nothing is written)."""
+        f = self.folder_by_id(folder_id)
+        if f is None or f.recent_uid >= f.uidnext:
+            return (0, 0)
+
+        def write(con: apsw.Connection) -> tuple[int, int]:
+            row: list[Any] = con.execute(
+                "SELECT recent_uid, uidnext FROM folders WHERE id = ?", (folder_id,)
+            ).fetchall()
+            if not row or row[0][0] >= row[0][1]:
+                return (0, 0)
+            con.execute("UPDATE folders SET recent_uid = ? WHERE id = ?", (row[0][1], folder_id))
+            return int(row[0][0]), int(row[0][1])
+
+        return await self.committer.run(write)
+
+    def mark_recent_claimed(self, folder_id: int, upto: int) -> None:
+        """Record that UIDs below ``upto`` were claimed by a session that saw them arrive.
+
+        Not waited for: the session decided under the process-wide claim mark (see
+        :class:`mailfort.imap.mailboxes.SharedMailbox`), and this only tells other processes.
+        """
+        with contextlib.suppress(CommitterClosed):  # closing: nobody else is left to tell
+            self.committer.submit(
+                lambda con: con.execute(
+                    "UPDATE folders SET recent_uid = max(recent_uid, ?) WHERE id = ?",
+                    (upto, folder_id),
+                )
+            )
 
     # ---- message reads ------------------------------------------------------------------
 
@@ -524,6 +629,13 @@ class Mailbox:
             )
         )
         return out
+
+    def count_from(self, folder_id: int, uid: int) -> int:
+        """How many messages of the folder have a UID of at least ``uid``."""
+        row: list[Any] = self.reader.execute(
+            "SELECT count(*) FROM messages WHERE folder_id = ? AND uid >= ?", (folder_id, uid)
+        ).fetchall()
+        return int(row[0][0])
 
     def first_unseen(self, folder_id: int) -> int | None:
         row: list[Any] = self.reader.execute(
@@ -902,9 +1014,10 @@ class Mailbox:
                     "UPDATE messages SET folder_id = ?, modseq = 1 WHERE folder_id = ?",
                     (dst.id, src.id),
                 )
+                # What was claimed as \\Recent in INBOX stays claimed in its new home.
                 con.execute(
-                    "UPDATE folders SET uidnext = ?, highestmodseq = 1 WHERE id = ?",
-                    (src.uidnext, dst.id),
+                    "UPDATE folders SET uidnext = ?, highestmodseq = 1, recent_uid = ? WHERE id = ?",
+                    (src.uidnext, src.recent_uid, dst.id),
                 )
                 if rows:
                     modseq = src.highestmodseq + 1
@@ -935,46 +1048,92 @@ class Mailbox:
 
     # ---- message writes -----------------------------------------------------------------
 
-    async def append(self, folder: str, items: Sequence[AppendItem]) -> Appended:
-        """File messages a client uploads (APPEND, MULTIAPPEND: all or none)."""
+    async def append(
+        self, folder: str, items: Sequence[AppendItem], quota: Quota | None = None
+    ) -> Appended:
+        """File messages a client uploads (APPEND, MULTIAPPEND: all or none); raises
+        :class:`QuotaExceeded` (checked in the write transaction) if they do not fit."""
+        (result,) = await self.append_many([(folder, items, quota)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-        def prepare() -> list[tuple[AppendItem, bytes, MessageMeta]]:
+    async def append_many(
+        self, requests: Sequence[tuple[str, Sequence[AppendItem], Quota | None]]
+    ) -> list[Appended | Exception]:
+        """Several APPENDs (a client's pipelined commands) in one commit, in order.
+
+        Each request is all or none on its own (a savepoint each): one over quota or to a
+        missing folder leaves the others filed.  One transaction, hence one fsync, for all
+        of them is what makes pipelined APPENDs fast.
+        """
+
+        def prepare() -> list[list[tuple[AppendItem, bytes, MessageMeta]]]:
             out = []
-            for item in items:
-                raw = to_crlf(item.raw)
-                digest, meta = self.prepare(raw)
-                out.append((AppendItem(raw, item.flags, item.internal_date_ms), digest, meta))
+            for _folder, items, _quota in requests:
+                done = []
+                for item in items:
+                    raw = to_crlf(item.raw)
+                    digest, meta = self.prepare(raw)
+                    done.append(
+                        (
+                            AppendItem(raw, item.flags, item.internal_date_ms, item.internal_tz),
+                            digest,
+                            meta,
+                        )
+                    )
+                out.append(done)
             return out
 
         prepared = await asyncio.to_thread(prepare)
 
-        def write(con: apsw.Connection) -> Appended:
-            f = self._folder(con, folder)
-            uid, modseq = f.uidnext, f.highestmodseq + 1
-            uids: list[int] = []
-            for item, digest, meta in prepared:
-                content_id = self._store_content(con, digest, item.raw, meta)
-                con.execute(
-                    "INSERT INTO messages(folder_id, uid, content_id, flags, internal_date,"
-                    " modseq) VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        f.id,
-                        uid,
-                        content_id,
-                        normalise_flags(item.flags),
-                        item.internal_date_ms,
-                        modseq,
-                    ),
-                )
-                uids.append(uid)
-                uid += 1
-            con.execute(
-                "UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?",
-                (uid, modseq, f.id),
-            )
-            return Appended(f.uidvalidity, uids)
+        def write(con: apsw.Connection) -> list[Appended | Exception]:
+            results: list[Appended | Exception] = []
+            for (folder, _items, quota), messages in zip(requests, prepared, strict=True):
+                con.execute("SAVEPOINT append")
+                try:
+                    results.append(self._append_in(con, folder, messages, quota))
+                except Exception as exc:  # this request's failure, not its neighbours'
+                    con.execute("ROLLBACK TO append")
+                    results.append(exc)
+                con.execute("RELEASE append")
+            return results
 
         return await self.committer.run(write)
+
+    @staticmethod
+    def _append_in(
+        con: apsw.Connection,
+        folder: str,
+        prepared: Sequence[tuple[AppendItem, bytes, MessageMeta]],
+        quota: Quota | None,
+    ) -> Appended:
+        f = Mailbox._folder(con, folder)
+        Mailbox._check_quota(con, quota, sum(len(p[0].raw) for p in prepared), len(prepared))
+        uid, modseq = f.uidnext, f.highestmodseq + 1
+        uids: list[int] = []
+        for item, digest, meta in prepared:
+            content_id = Mailbox._store_content(con, digest, item.raw, meta)
+            con.execute(
+                "INSERT INTO messages(folder_id, uid, content_id, flags, internal_date,"
+                " internal_tz, modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    f.id,
+                    uid,
+                    content_id,
+                    normalise_flags(item.flags),
+                    item.internal_date_ms,
+                    item.internal_tz,
+                    modseq,
+                ),
+            )
+            uids.append(uid)
+            uid += 1
+        con.execute(
+            "UPDATE folders SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+            (uid, modseq, f.id),
+        )
+        return Appended(f.uidvalidity, uids)
 
     async def store_flags(
         self,
@@ -1029,14 +1188,20 @@ class Mailbox:
     @staticmethod
     def folder_by_id_con(con: apsw.Connection, folder_id: int) -> Folder | None:
         row: list[Any] = con.execute(
-            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq"
+            "SELECT id, name, special_use, uidvalidity, uidnext, highestmodseq, recent_uid"
             " FROM folders WHERE id = ?",
             (folder_id,),
         ).fetchall()
         return Folder(*row[0]) if row else None
 
     async def copy_messages(
-        self, source_id: int, uids: Sequence[int], dest: str, *, move: bool = False
+        self,
+        source_id: int,
+        uids: Sequence[int],
+        dest: str,
+        *,
+        move: bool = False,
+        quota: Quota | None = None,
     ) -> CopyResult:
         """COPY (RFC 9051 §6.4.7) or MOVE (RFC 6851): new UIDs in ``dest``, same contents
         (shared, not duplicated), flags and internal dates; MOVE removes the originals in
@@ -1051,21 +1216,24 @@ class Mailbox:
             rows = list(
                 _select_uids(
                     con,
-                    "SELECT uid, content_id, flags, internal_date FROM messages",
+                    "SELECT m.uid, m.content_id, m.flags, m.internal_date, m.internal_tz,"
+                    " c.size FROM messages m JOIN contents c ON c.id = m.content_id",
                     source_id,
                     wanted,
                 )
             )
+            if not move:  # a move leaves the mailbox's size as it was
+                self._check_quota(con, quota, sum(int(r[5]) for r in rows), len(rows))
             uid = dst.uidnext
             dst_modseq = dst.highestmodseq + 1
             source: list[int] = []
             target: list[int] = []
-            for src_uid, content_id, flags, date in rows:
+            for src_uid, content_id, flags, date, tz, _size in rows:
                 con.execute("UPDATE contents SET refs = refs + 1 WHERE id = ?", (content_id,))
                 con.execute(
                     "INSERT INTO messages(folder_id, uid, content_id, flags, internal_date,"
-                    " modseq) VALUES (?, ?, ?, ?, ?, ?)",
-                    (dst.id, uid, content_id, flags, date, dst_modseq),
+                    " internal_tz, modseq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (dst.id, uid, content_id, flags, date, tz, dst_modseq),
                 )
                 source.append(int(src_uid))
                 target.append(uid)
@@ -1144,14 +1312,18 @@ class Mailbox:
 MESSAGE_COLUMNS: dict[str, str] = {
     "flags": "m.flags",
     "flags_wire": "CAST(m.flags AS BLOB)",
-    # RFC 9051 §9 date-time, e.g. "04-Mar-2024 10:00:00 +0000", quotes included.
+    # RFC 9051 §9 date-time, e.g. "04-Mar-2024 10:00:00 +0100", quotes included: the
+    # wall-clock time in the zone the date was given in (APPEND), UTC for delivered mail.
     "internal_date_wire": (
-        "CAST(strftime('\"%d-', m.internal_date / 1000, 'unixepoch')"
+        "CAST(strftime('\"%d-', m.internal_date / 1000 + m.internal_tz * 60, 'unixepoch')"
         " || substr('JanFebMarAprMayJunJulAugSepOctNovDec',"
-        " strftime('%m', m.internal_date / 1000, 'unixepoch') * 3 - 2, 3)"
-        " || strftime('-%Y %H:%M:%S +0000\"', m.internal_date / 1000, 'unixepoch') AS BLOB)"
+        " strftime('%m', m.internal_date / 1000 + m.internal_tz * 60, 'unixepoch') * 3 - 2, 3)"
+        " || strftime('-%Y %H:%M:%S ', m.internal_date / 1000 + m.internal_tz * 60, 'unixepoch')"
+        " || printf('%s%02d%02d\"', iif(m.internal_tz < 0, '-', '+'),"
+        " abs(m.internal_tz) / 60, abs(m.internal_tz) % 60) AS BLOB)"
     ),
     "internal_date": "m.internal_date",
+    "internal_tz": "m.internal_tz",
     "modseq": "m.modseq",
     "content_id": "m.content_id",
     "size": "s.size",
@@ -1227,6 +1399,8 @@ class AppendItem:
     raw: bytes = field(repr=False)
     flags: Sequence[str] = ()
     internal_date_ms: int = 0
+    #: The date-time's zone, minutes east of UTC (RFC 9051 §9 zone), kept for FETCH.
+    internal_tz: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ returns only after its commit reached the disk.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -21,9 +22,14 @@ from mailfort.keys.secrets import MailboxSecrets, PublicKeys
 from mailfort.mail import MessageMeta, to_crlf
 from mailfort.store.events import EventHub, NewMail
 from mailfort.store.mailbox import Mailbox
+from mailfort.store.quota import Quota, QuotaExceeded
 from mailfort.store.spool import Delivery, Spool, now_ms
 
+__all__ = ["MailStore", "Quota", "QuotaExceeded", "Recipient"]
+
 _DRAIN_BATCH = 200
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,16 @@ class _Open:
 
 
 class MailStore:
-    def __init__(self, root: Path) -> None:
+    """Delivery into, and opening of, the mailboxes under ``root``.
+
+    ``quota`` limits what a delivery may add (default: ``MAILFORT_QUOTA_BYTES`` and
+    ``MAILFORT_QUOTA_MESSAGES`` from the environment); :meth:`deliver` raises
+    :class:`QuotaExceeded` rather than file past it.
+    """
+
+    def __init__(self, root: Path, quota: Quota | None = None) -> None:
         self.root = root
+        self.quota = quota if quota is not None else Quota.from_env()
         self.dir = root / "mailboxes"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.events = EventHub()
@@ -89,11 +103,16 @@ class MailStore:
         return Delivery(os.urandom(16), now_ms(), folder, raw)
 
     async def deliver(self, rcpt: Recipient, raw: bytes, folder: str = "INBOX") -> None:
-        """Durable when this returns: filed into the open mailbox or sealed into its spool."""
+        """Durable when this returns: filed into the open mailbox or sealed into its spool.
+
+        Raises :class:`QuotaExceeded` if the mailbox has no room for the message: exactly
+        when the mailbox is open here; while it is closed, against the usage recorded at
+        its last close or drain plus what waits in the spool.
+        """
         delivery = self.new_delivery(raw, folder)
         mailbox = self._open_mailbox(rcpt.mailbox_id)
         if mailbox is not None:
-            filed = await mailbox.deliver(delivery)
+            filed = await mailbox.deliver(delivery, quota=self.quota)
             self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
             return
         with self._lock:
@@ -102,19 +121,46 @@ class MailStore:
             spool = await asyncio.to_thread(self._spool, rcpt.mailbox_id)
         # Sealing a message is a few µs of CPU: a thread hand-off would cost more than it.
         epoch, blob = spool.seal(rcpt.public_keys, delivery)
-        await spool.committer.run(lambda con: Spool.insert(con, epoch, blob))
+        size = len(delivery.raw)
+        await spool.committer.run(lambda con: Spool.insert(con, epoch, blob, self.quota, size))
         self.events.publish(NewMail(rcpt.mailbox_id, None))
+
+    async def check_room(self, rcpt: Recipient, octets: int) -> None:
+        """Raise :class:`QuotaExceeded` if a message of ``octets`` would not fit now.
+
+        A pre-check that writes nothing, for an MX that knows the size before the data
+        (RFC 1870 ``MAIL FROM ... SIZE=``) and can then refuse that one recipient at
+        ``RCPT``; :meth:`deliver` checks again when it files.
+        """
+        if not self.quota.limited:
+            return
+        mailbox = self._open_mailbox(rcpt.mailbox_id)
+        if mailbox is not None:
+            self.quota.check(*mailbox.usage(), octets, 1)
+            return
+        with self._lock:
+            spool = self._spools.get(rcpt.mailbox_id)
+        if spool is None:
+            if not self.spool_path(rcpt.mailbox_id).exists():
+                # Never closed with mail in it and nothing spooled: empty.
+                self.quota.check(0, 0, octets, 1)
+                return
+            spool = await asyncio.to_thread(self._spool, rcpt.mailbox_id)
+        self.quota.check(*spool.usage(), octets, 1)
 
     def deliver_sync(self, rcpt: Recipient, raw: bytes, folder: str = "INBOX") -> None:
         delivery = self.new_delivery(raw, folder)
         mailbox = self._open_mailbox(rcpt.mailbox_id)
         if mailbox is not None:
-            filed = mailbox.deliver_sync(delivery)
+            filed = mailbox.deliver_sync(delivery, quota=self.quota)
             self.events.publish(NewMail(rcpt.mailbox_id, filed.folder))
             return
         spool = self._spool(rcpt.mailbox_id)
         epoch, blob = spool.seal(rcpt.public_keys, delivery)
-        spool.committer.submit(lambda con: Spool.insert(con, epoch, blob)).result()
+        size = len(delivery.raw)
+        spool.committer.submit(
+            lambda con: Spool.insert(con, epoch, blob, self.quota, size)
+        ).result()
         self.events.publish(NewMail(rcpt.mailbox_id, None))
 
     # ---- sessions -----------------------------------------------------------------------
@@ -148,7 +194,13 @@ class MailStore:
             if entry.refs > 0:
                 return
             del self._open[mailbox_id]
-        entry.mailbox.close()
+        try:
+            # While it is closed, deliveries check the quota against this figure.
+            self._spool(mailbox_id).record(*entry.mailbox.usage())
+        except Exception:  # a stale figure only loosens the bound; logging out must work
+            log.exception("recording a mailbox's usage failed")
+        finally:
+            entry.mailbox.close()
 
     def drain(self, mailbox_id: str, secrets: MailboxSecrets, mailbox: Mailbox) -> int:
         """File every spooled message; returns how many were filed.
@@ -173,8 +225,10 @@ class MailStore:
                 filed = [Mailbox.file(con, d, digest, meta) for d, digest, meta in items]
                 return sum(not f.duplicate for f in filed)
 
+            # Filed even past the quota: each was accepted (250) when it was sealed, and
+            # refusing now could only lose it or bounce it to a sender who was told yes.
             filed += mailbox.committer.submit(write).result()
-            spool.remove([item[0] for item in batch])
+            spool.remove([item[0] for item in batch], stored=mailbox.usage())
         if filed:
             self.events.publish(NewMail(mailbox_id, "INBOX"))
         return filed

@@ -20,6 +20,7 @@ import apsw
 from mailfort.keys.seal import OpenedEpoch, SealingEpoch
 from mailfort.keys.secrets import MailboxSecrets, PublicKeys
 from mailfort.store.committer import GroupCommitter
+from mailfort.store.quota import Quota
 from mailfort.store.sqlite import fsync_dir, open_plain
 
 _SCHEMA = (
@@ -27,6 +28,24 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS epochs (id BLOB PRIMARY KEY, header BLOB NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT,"
     " epoch BLOB NOT NULL, sealed BLOB NOT NULL)",
+    # What a quota check needs while the mailbox is closed (its usage is inside the
+    # encrypted file): the usage recorded when the mailbox was last closed or drained,
+    # and what waits here, kept by triggers.  Nothing the file's size does not show.
+    "CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " stored_octets INTEGER NOT NULL, stored_messages INTEGER NOT NULL,"
+    " pending_octets INTEGER NOT NULL, pending_messages INTEGER NOT NULL)",
+    # Counted from the rows in the transaction that creates the triggers (an older spool
+    # may hold mail already); a no-op once the row exists.
+    "INSERT OR IGNORE INTO usage SELECT 1, 0, 0, coalesce(sum(length(sealed)), 0), count(*)"
+    " FROM spool",
+    """CREATE TRIGGER IF NOT EXISTS spool_insert AFTER INSERT ON spool BEGIN
+        UPDATE usage SET pending_octets = pending_octets + length(NEW.sealed),
+            pending_messages = pending_messages + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS spool_delete AFTER DELETE ON spool BEGIN
+        UPDATE usage SET pending_octets = pending_octets - length(OLD.sealed),
+            pending_messages = pending_messages - 1;
+    END""",
 )
 _HEADER = struct.Struct(">16sqH")  # delivery id, internal date (ms), folder name length
 
@@ -62,8 +81,18 @@ class Spool:
         self.path = path
         new = not path.exists()
         self.con = open_plain(path)
-        for stmt in _SCHEMA:
-            self.con.execute(stmt)
+        # Filed items leave no sealed bytes behind in free pages (docs/keys.md).
+        self.con.pragma("secure_delete", 1)
+        self.con.execute("BEGIN IMMEDIATE")  # two processes may open a new spool at once
+        try:
+            for stmt in _SCHEMA:
+                self.con.execute(stmt)
+            self.con.execute("COMMIT")
+        except BaseException:
+            if not self.con.getautocommit():
+                self.con.execute("ROLLBACK")
+            self.con.close()
+            raise
         if new:
             fsync_dir(path.parent)
         self.committer = GroupCommitter(self.con, f"spool-{path.stem[:8]}")
@@ -86,7 +115,18 @@ class Spool:
         return epoch, blob
 
     @staticmethod
-    def insert(con: apsw.Connection, epoch: SealingEpoch, blob: bytes) -> int:
+    def insert(
+        con: apsw.Connection,
+        epoch: SealingEpoch,
+        blob: bytes,
+        quota: Quota | None = None,
+        size: int = 0,
+    ) -> int:
+        """Append a sealed message; with ``quota``, first check that a message of
+        ``size`` octets fits (:class:`QuotaExceeded` if not), in the same transaction."""
+        if quota is not None and quota.limited:
+            octets, messages = Spool._usage(con)
+            quota.check(octets, messages, size, 1)
         con.execute(
             "INSERT OR IGNORE INTO epochs(id, header) VALUES (?, ?)", (epoch.id, epoch.header)
         )
@@ -101,6 +141,34 @@ class Spool:
             (limit,),
         )
         return [(int(i), bytes(e), bytes(h), bytes(b)) for i, e, h, b in rows]
+
+    @staticmethod
+    def _usage(con: apsw.Connection) -> tuple[int, int]:
+        """(octets, messages): the mailbox as last recorded plus what waits here."""
+        row: list[Any] = con.execute(
+            "SELECT stored_octets + pending_octets, stored_messages + pending_messages FROM usage"
+        ).fetchall()
+        return (int(row[0][0]), int(row[0][1])) if row else (0, 0)
+
+    def usage(self) -> tuple[int, int]:
+        return self._usage(self.con)
+
+    def recorded(self) -> tuple[int, int]:
+        """The mailbox usage recorded at its last close or drain."""
+        row: list[Any] = self.con.execute(
+            "SELECT stored_octets, stored_messages FROM usage"
+        ).fetchall()
+        return (int(row[0][0]), int(row[0][1])) if row else (0, 0)
+
+    def record(self, octets: int, messages: int) -> None:
+        """Remember the mailbox's usage for quota checks while it is closed."""
+        if self.recorded() == (octets, messages):
+            return  # the common logout: nothing changed, no commit
+        self.committer.submit(
+            lambda con: con.execute(
+                "UPDATE usage SET stored_octets = ?, stored_messages = ?", (octets, messages)
+            )
+        ).result()
 
     def count(self) -> int:
         rows: list[Any] = self.con.execute("SELECT count(*) FROM spool").fetchall()
@@ -119,9 +187,14 @@ class Spool:
 
         return open_item
 
-    def remove(self, ids: list[int]) -> None:
+    def remove(self, ids: list[int], stored: tuple[int, int] | None = None) -> None:
+        """Delete filed items; ``stored`` is the mailbox's usage now that they are in it,
+        recorded in the same commit so a quota check never sees them in neither place."""
+
         def write(con: apsw.Connection) -> None:
             con.executemany("DELETE FROM spool WHERE id = ?", [(i,) for i in ids])
             con.execute("DELETE FROM epochs WHERE id NOT IN (SELECT epoch FROM spool)")
+            if stored is not None:
+                con.execute("UPDATE usage SET stored_octets = ?, stored_messages = ?", stored)
 
         self.committer.submit(write).result()
