@@ -1,7 +1,8 @@
 """Measure DKIM verification cost per message: ``.venv/bin/python bench/dkim_verify.py [-n N]``.
 
-Compares dkimpy's own verifier (pure-Python RSA) with mailfort's path (dkimpy
-canonicalisation + OpenSSL through `cryptography`), for RSA-2048 and Ed25519, on a ~4 KB
+Compares dkimpy's own verifier (pure-Python RSA) with mailfort's path (`auth.canon`, dkimpy's
+canonicalisation byte for byte without its per-space regex work, + OpenSSL through
+`cryptography`), for RSA-2048 and Ed25519, on a ~4 KB
 message. DNS is served from memory so only parsing, hashing and the signature check count.
 """
 

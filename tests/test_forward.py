@@ -355,8 +355,14 @@ def test_dns_txt_rules_route_only_when_the_operator_enabled_them(fwd: Forwarding
     assert fwd.send("sam@sender.test", ["quiet@rules.test"], message(quiet)) == (
         250, "2.6.0 Message accepted"
     )  # fmt: skip
-    code, text = fwd.send("sam@sender.test", ["later@rules.test"], message(marker))
-    assert code == 421, text
+    with smtplib.SMTP("127.0.0.1", fwd.mx_port, timeout=60) as client:
+        client.ehlo("client.sender.test")
+        client.mail("sam@sender.test")
+        code, text = client.rcpt("later@rules.test")
+        assert code == 421, text
+        # 421 closes the channel (RFC 5321 §3.8): the session does not go on.
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.noop()
     code, text = fwd.send("sam@sender.test", ["never@rules.test"], message(marker))
     assert code == 550, text
     code, text = fwd.send("sam@sender.test", ["unlisted@rules.test"], message(marker))

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from mailfort.guard.logins import GuardPolicy, Limits, LoginGuard, MemoryFailureStore
+from mailfort.guard.logins import (
+    GuardPolicy,
+    Limits,
+    LoginGuard,
+    MemoryFailureStore,
+    SharedFailureStore,
+)
+from mailfort.relay.memo import SharedMemo
 from test_imap_server_support import PASSWORD, RawImap, ServerThread
 
 POLICY = GuardPolicy(
@@ -155,3 +163,30 @@ def test_imap_and_pop3_slow_down_then_refuse_one_client(server: ServerThread) ->
     _, tagged = other.command(f'LOGIN {user} "{PASSWORD}"')
     assert b" OK " in tagged
     other.close()
+
+
+def test_workers_sharing_a_table_count_failures_together() -> None:
+    """`mailfort serve --workers N`: each worker has its own LoginGuard, but the counters
+    live in a table made before the fork, under names derived from the server key. Failed
+    logins made in another process count here."""
+    table = SharedMemo(1 << 10)
+    key = b"k" * 32  # ServerKey.derive(b"guard/logins") in the service
+
+    def guard() -> LoginGuard:
+        return LoginGuard(POLICY, store=SharedFailureStore(table), key=key)
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            child = guard()
+            for _ in range(POLICY.per_ip.refuse_after):
+                asyncio.run(child.record_failure("203.0.113.9", "someone@example.test"))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    here = guard()
+    assert asyncio.run(here.verdict("203.0.113.9", "other@example.test")).refused
+    assert not asyncio.run(here.verdict("203.0.113.10", "other@example.test")).refused
+    # A guard with a key of its own (a process that did not share the table) sees nothing.
+    alone = LoginGuard(POLICY, store=SharedFailureStore(table), key=b"x" * 32)
+    assert not asyncio.run(alone.verdict("203.0.113.9", "other@example.test")).refused

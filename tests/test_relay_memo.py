@@ -316,3 +316,37 @@ def test_matches_a_dict_model(ops: list[tuple[str, bytes, float]], slots: int) -
             assert not got or expected
             if memo.evictions == 0:
                 assert got == expected
+
+
+# -- counters ------------------------------------------------------------------------------
+
+
+def test_incr_counts_and_expires() -> None:
+    clock = Clock()
+    memo = SharedMemo(64, clock=clock)
+    assert memo.count(b"ip") == 0
+    assert [memo.incr(b"ip", 10) for _ in range(3)] == [1, 2, 3]
+    assert memo.count(b"ip") == 3 and b"ip" in memo
+    clock.now += 11
+    assert memo.count(b"ip") == 0
+    assert memo.incr(b"ip", 10) == 1  # an expired counter starts again
+    memo.discard(b"ip")
+    assert memo.count(b"ip") == 0
+
+
+def test_counts_from_every_process_add_up() -> None:
+    """Failed logins on two workers count together: four processes, 250 each."""
+    memo = SharedMemo(1 << 10)
+    pids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                for _ in range(250):
+                    memo.incr(b"login:ip:x", 3600)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    assert memo.count(b"login:ip:x") == 1000

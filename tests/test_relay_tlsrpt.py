@@ -391,19 +391,28 @@ async def test_https_submission(dns_server: DNSFixture, pki: PKI, collector: HTT
     report = sample_report()
     https_report = build_https_report(report)
     uri = f"https://reports.example.test:{collector.port}/tlsrpt?k=1"
+    # The collector listens on loopback: refused unless the operator allows it.
+    with pytest.raises(ReportDeliveryError, match="loopback"):
+        await post_https_report(
+            uri, https_report, resolver=dns_server.resolver, ssl_context=pkix_context(pki.ca_file)
+        )
+    assert collector.requests == []
     await post_https_report(
         uri,
         https_report,
         resolver=dns_server.resolver,
         ssl_context=pkix_context(pki.ca_file),
         timeout=3,
+        allow_private=True,
     )
     (seen,) = collector.requests
     assert seen.method == "POST" and seen.headers["content-type"] == "application/tlsrpt+gzip"
     assert json.loads(gzip.decompress(seen.body)) == report
     collector.route("/tlsrpt?k=1", Canned(500, b""))
     with pytest.raises(ReportDeliveryError):
-        await post_https_report(uri, https_report, resolver=dns_server.resolver, timeout=3)
+        await post_https_report(
+            uri, https_report, resolver=dns_server.resolver, timeout=3, allow_private=True
+        )
 
 
 async def test_daily_reports(dns_server: DNSFixture, tmp_path: Path) -> None:

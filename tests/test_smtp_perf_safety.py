@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP
 from mailfort.directory.service import Directory, Route, RouteKind
 from mailfort.smtp import server as smtp_server
 from mailfort.smtp.inbound import InboundHandler, InboundPolicy
-from mailfort.smtp.server import ConnectionTable, MailfortSMTP, smtp_factory
+from mailfort.smtp.server import MXSMTP, ConnectionTable, MailfortSMTP, smtp_factory
 from mailfort.smtp.submission import SubmissionSMTP
 from mailfort.store.service import MailStore
 
@@ -76,6 +76,7 @@ def _tls() -> ssl.SSLContext:
         (MailfortSMTP, {"hostname": "mx.test", "ident": "ESMTP", "enable_SMTPUTF8": True}),
         (MailfortSMTP, {"hostname": "mx.test", "tls_context": "tls", "require_starttls": True}),
         (MailfortSMTP, {"timeout": 5, "command_call_limit": 7, "data_size_limit": None}),
+        (MXSMTP, {"hostname": "mx.test", "ident": "ESMTP", "enable_SMTPUTF8": True}),
         (
             SubmissionSMTP,
             {

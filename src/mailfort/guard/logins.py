@@ -42,6 +42,7 @@ __all__ = [
     "LoginGuard",
     "LoginOutcome",
     "MemoryFailureStore",
+    "SharedFailureStore",
     "Verdict",
 ]
 
@@ -98,6 +99,32 @@ class MemoryFailureStore:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+
+class SharedFailureStore:
+    """Counters in memory shared by the forked workers of one node (`relay.memo`'s table,
+    created before the fork), so that an attacker spreading attempts over connections
+    that land on different workers meets the same limits."""
+
+    def __init__(self, table: CounterTable) -> None:
+        self._table = table
+
+    async def incr(self, key: str, ttl: float) -> int:
+        return self._table.incr(key.encode(), ttl)
+
+    async def get(self, key: str) -> int:
+        return self._table.count(key.encode())
+
+    async def delete(self, key: str) -> None:
+        self._table.discard(key.encode())
+
+
+class CounterTable(Protocol):
+    def incr(self, key: bytes, ttl: float) -> int: ...
+
+    def count(self, key: bytes) -> int: ...
+
+    def discard(self, key: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mailfort.directory.service import Directory
-from mailfort.guard.logins import LoginGuard
+from mailfort.guard.logins import LoginGuard, SharedFailureStore
 from mailfort.imap import commands as c
 from mailfort.imap.connection import CommandReceived, Event, ImapConnection, Send
 from mailfort.imap.mailboxes import MailAccess
@@ -282,6 +282,16 @@ def set_access(services: ServicesLike, access: MailAccess) -> None:
     _ACCESS[id(services)] = (services, access)
 
 
+def _login_guard(services: ServicesLike) -> LoginGuard:
+    """Failed logins counted node-wide when the workers share a table (made before the
+    fork), with counter names every worker derives alike from the server key."""
+    memo = getattr(services, "memo", None)
+    server_key = services.directory.server_key
+    if memo is None or server_key is None:
+        return LoginGuard()
+    return LoginGuard(store=SharedFailureStore(memo), key=server_key.derive(b"guard/logins"))
+
+
 def access_for(services: ServicesLike) -> MailAccess:
     """The logins and open mailboxes shared by the IMAP and POP3 listeners of a process.
 
@@ -294,7 +304,7 @@ def access_for(services: ServicesLike) -> MailAccess:
         access = MailAccess(
             services.directory,
             services.store,
-            LoginGuard(),
+            _login_guard(services),
             quota_storage=quota.storage,
             quota_messages=quota.messages,
         )

@@ -81,6 +81,7 @@ def build(
         default_identity(settings.hostname),
         https_context=pkix_context(settings.outbound_ca_file),
         signing_keys=directory_signing_keys(settings),
+        allow_private=settings.allow_private_webhooks,
     )
     return tls, sender
 
@@ -159,8 +160,11 @@ class TLSReportSender:
         delay: float | None = None,
         clock: Callable[[], float] = time.time,
         signing_keys: ReportKeys | None = None,
+        allow_private: bool = False,
     ) -> None:
         self.store = store
+        # https: report URIs on private, loopback or link-local addresses (test setups only).
+        self.allow_private = allow_private
         self.signing_keys = signing_keys
         self.resolver = resolver
         self.queue = queue
@@ -239,6 +243,7 @@ class TLSReportSender:
                         resolver=self.resolver,
                         ssl_context=self.https_context,
                         timeout=self.https_timeout,
+                        allow_private=self.allow_private,
                     )
                     handed_over = True
                 except ReportDeliveryError as exc:

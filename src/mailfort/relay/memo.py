@@ -12,11 +12,12 @@ Forwarded mail is never written to disk, and neither is anything about it: the t
 an anonymous shared mapping (``MAP_SHARED | MAP_ANONYMOUS``) created in the parent before
 it forks, so the workers inherit the same physical pages and no file exists anywhere.
 
-Layout: a 64-byte header, then ``slots + PROBE - 1`` slots of 16 bytes each, an 8-byte
-keyed hash and an 8-byte expiry (a float on the clock below). A key's home slot is its
+Layout: a 64-byte header, then ``slots + PROBE - 1`` slots of 24 bytes each, an 8-byte
+keyed hash, an 8-byte expiry (a float on the clock below) and an 8-byte counter (``incr``:
+the login guard's failure counts, which must hold across workers too). A key's home slot is its
 hash modulo ``slots`` and it may live in any of the ``PROBE`` slots from there; the spare
 ``PROBE - 1`` slots past the end let every probe window be one contiguous read instead of
-wrapping. (A table of at most ``PROBE`` slots is a single window.) Every lookup reads the whole window (16 slots, 256 bytes, four cache lines), so
+wrapping. (A table of at most ``PROBE`` slots is a single window.) Every lookup reads the whole window (16 slots, 384 bytes, six cache lines), so
 there are no tombstones and a discard simply zeroes its slot.
 
 It is a cache, and losing an entry is its only failure mode:
@@ -24,7 +25,7 @@ It is a cache, and losing an entry is its only failure mode:
   (counted in ``evictions``). Expired slots are reused before anything is evicted.
   Probe windows fill before the table does: measured at 2**18 slots, filling to half
   evicted 0.03% of entries and to three quarters 1.3%, so size the table at about twice
-  the live entries you expect (16 bytes a slot; the default is 4 MiB).
+  the live entries you expect (24 bytes a slot; the default is 6 MiB).
 - Keys are stored as a 64-bit BLAKE2b hash keyed with a random secret made at
   construction and shared by the forked workers. Nobody outside can predict where a key
   lands, so a remote party who controls keys (message fingerprints, addresses) can neither
@@ -36,7 +37,7 @@ It is a cache, and losing an entry is its only failure mode:
 
 Cross-process safety: one ``multiprocessing`` lock (a POSIX semaphore; with the fork
 context it is unlinked from /dev/shm as soon as it is made) guards every operation, reads
-included, because a slot is two 8-byte words and Python gives no atomic 16-byte access: an
+included, because a slot is three 8-byte words and Python gives no atomic 24-byte access: an
 unlocked read could pair one entry's hash with another's expiry. The critical sections
 are a few microseconds. A POSIX semaphore is not robust, though: a worker killed while
 holding it would block the others forever. So the holder writes its pid in the header,
@@ -66,8 +67,9 @@ __all__ = ["PROBE", "SharedMemo"]
 PROBE = 16
 """Slots a key may occupy from its home slot: bounds the work of every operation."""
 
-_SLOT = struct.Struct("<8sd")  # keyed hash, expiry
+_SLOT = struct.Struct("<8sdq")  # keyed hash, expiry, count (for incr)
 _EXPIRY = struct.Struct("<d")
+_COUNT = struct.Struct("<q")
 _EMPTY = bytes(_SLOT.size)
 _ZERO_HASH = bytes(8)
 _ONE_HASH = b"\x01" + bytes(7)
@@ -132,7 +134,7 @@ class SharedMemo:
         self._hash_key = os.urandom(_HASH_KEY_SIZE)
         self._hasher = hashlib.blake2b(digest_size=8, key=self._hash_key)
         self._span = self._probe * _SLOT.size
-        self._expiries = struct.Struct("<" + "8xd" * self._probe)
+        self._expiries = struct.Struct("<" + "8xd8x" * self._probe)
         size = _HEADER_SIZE + (self._slots + spare) * _SLOT.size
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         # The fork context unlinks the semaphore at once and starts no resource tracker.
@@ -165,9 +167,52 @@ class SharedMemo:
                 slot = _find(window, _EMPTY)
             if slot < 0:
                 slot = self._reusable(window, now)
-            _SLOT.pack_into(self._map, base + slot * _SLOT.size, needle, now + ttl)
+            _SLOT.pack_into(self._map, base + slot * _SLOT.size, needle, now + ttl, 0)
         finally:
             self._release()
+
+    def incr(self, key: bytes, ttl: float) -> int:
+        """Add one to ``key``'s counter (0 if absent or expired) and let it live ``ttl``
+        seconds from now; returns the new count (0 if the table could not be locked: a
+        counter shared this way is an approximation that errs towards leniency)."""
+        if math.isnan(ttl):
+            raise ValueError("ttl is NaN")
+        needle, base = self._locate(key)
+        if not self._acquire():
+            return 0
+        try:
+            now = self._clock()
+            window = self._map[base : base + self._span]
+            slot = _find(window, needle)
+            count = 0
+            if slot >= 0:
+                _hash, expiry, count = _SLOT.unpack_from(window, slot * _SLOT.size)
+                if expiry <= now:
+                    count = 0
+            else:
+                slot = _find(window, _EMPTY)
+                if slot < 0:
+                    slot = self._reusable(window, now)
+            _SLOT.pack_into(self._map, base + slot * _SLOT.size, needle, now + ttl, count + 1)
+            return int(count + 1)
+        finally:
+            self._release()
+
+    def count(self, key: bytes) -> int:
+        """``key``'s live counter (0 when absent or expired)."""
+        needle, base = self._locate(key)
+        if not self._acquire():
+            return 0
+        try:
+            now = self._clock()
+            window = self._map[base : base + self._span]
+        finally:
+            self._release()
+        slot = _find(window, needle)
+        if slot < 0:
+            return 0
+        _hash, expiry, count = _SLOT.unpack_from(window, slot * _SLOT.size)
+        return int(count) if expiry > now else 0
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, bytes):

@@ -39,6 +39,7 @@ from mailfort.dns import Resolver, TemporaryDNSError
 
 from . import _https, _sqlite
 from .contexts import pkix_context
+from .webhook import address_refusal
 
 
 class ResultType(StrEnum):
@@ -636,12 +637,28 @@ async def post_https_report(
     resolver: Resolver,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 60.0,
+    allow_private: bool = False,
 ) -> None:
-    """POST the report; any 2xx is success (RFC 8460 §5.3.2)."""
+    """POST the report; any 2xx is success (RFC 8460 §5.3.2).
+
+    The URI comes from the recipient domain's DNS: whoever runs that zone could point it
+    at the operator's own network. So, as for webhooks, every address of the host is
+    vetted (`relay.webhook.address_refusal`) and the connection goes to a vetted one.
+    """
     url = urllib.parse.urlsplit(uri)
     if url.scheme.lower() != "https" or not url.hostname:
         raise ReportDeliveryError(f"not an https URI: {uri!r}")
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    try:
+        addresses = await resolver.addresses(url.hostname)
+    except TemporaryDNSError as exc:
+        raise ReportDeliveryError(f"{url.hostname}: address lookup failed") from exc
+    for address in addresses:
+        why = address_refusal(address, allow_private=allow_private)
+        if why is not None:
+            raise ReportDeliveryError(f"{url.hostname} has a {why} address: not posting there")
+    if not addresses:
+        raise ReportDeliveryError(f"{url.hostname}: no address")
     try:
         response = await _https.request(
             "POST",
@@ -654,6 +671,7 @@ async def post_https_report(
             headers=[("Content-Type", report.content_type)],
             timeout=timeout,
             max_body=65536,
+            addresses=addresses,
         )
     except _https.HTTPSError as exc:
         raise ReportDeliveryError(str(exc)) from exc

@@ -16,7 +16,7 @@ from mailfort.relay.mtasts import MTASTS, SQLitePolicyCache
 from mailfort.relay.tlspolicy import TLSPolicy
 from mailfort.smtp import conncount
 from mailfort.smtp.inbound import InboundHandler, InboundPolicy
-from mailfort.smtp.server import ConnectionTable, smtp_factory
+from mailfort.smtp.server import MXSMTP, ConnectionTable, smtp_factory
 from mailfort.smtp.submission import SubmissionHandler, SubmissionSMTP
 from mailfort.tls import server_context
 
@@ -80,7 +80,7 @@ async def start_mx(services: Any, host: str, port: int) -> int:
     connections = None if shared is None else ConnectionTable(shared, services.worker_index)
     # SO_REUSEPORT: worker processes share the port and the kernel spreads connections.
     server = await loop.create_server(
-        smtp_factory(handler, settings.hostname, tls, connections=connections),
+        smtp_factory(handler, settings.hostname, tls, connections=connections, protocol=MXSMTP),
         host,
         port,
         reuse_port=True,

@@ -387,6 +387,16 @@ class MailfortSMTP(SMTP):
             response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
         else:
             response = status
+        if response.startswith(b"421"):
+            # RFC 5321 §3.8: 421 means the server is closing the channel; a handler's 421
+            # (a failed webhook target, a domain rule) must not leave the session open.
+            self._held.append(response + b"\r\n")
+            data = b"".join(self._held)
+            self._held.clear()
+            await self._send(data)
+            if self.transport is not None:
+                self.transport.close()  # after the buffered reply is written
+            return
         if self._hold_all or (self._groupable and self._command_waiting()):
             # RFC 2920: the client pipelined; it reads this reply with the next ones.
             self._held.append(response + b"\r\n")
@@ -482,6 +492,122 @@ for _name in ("smtp_MAIL", "smtp_RCPT", "smtp_RSET", "smtp_QUIT"):
             setattr(getattr(MailfortSMTP, _name), _attr, getattr(getattr(SMTP, _name), _attr))
 
 
+_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?:[ \t]+(LAST))?[ \t]*", re.IGNORECASE)
+_BDAT_SIZE_ONLY = re.compile(r"([0-9]{1,18})(?:[ \t].*)?")
+_DISCARD_PIECE = 64 * 1024
+
+
+@dataclass
+class _Chunks:
+    """BDAT chunks of the current transaction (RFC 3030), kept on the envelope."""
+
+    parts: list[bytes]
+    size: int = 0
+    refusal: str | None = None  # once set, later chunks are read and dropped
+
+
+class MXSMTP(MailfortSMTP):
+    """The port-25 protocol: MailfortSMTP plus CHUNKING (RFC 3030 BDAT).
+
+    Only here: aiosmtpd refuses some commands before they reach their method (before
+    STARTTLS when it is required, before AUTH when that is required), and a BDAT refused
+    there would leave its octets to be read as commands. The MX requires neither.
+    """
+
+    offers_chunking = True
+
+    @_aiosmtpd.syntax("BDAT <size> [LAST]")
+    async def smtp_BDAT(self, arg: str) -> None:
+        # RFC 3030 §2: the octets follow the command at once, whatever the reply will be;
+        # they are always read (or skipped) in full so that they are never taken for
+        # commands. Without a size there is no telling where they end: close.
+        m = _BDAT_ARGS.fullmatch(arg or "")
+        if m is None:
+            sized = _BDAT_SIZE_ONLY.fullmatch(arg or "")
+            if sized is None:
+                await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]; closing")
+                self._close_now()
+                return
+            await self._skip(int(sized.group(1)))
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        size, last = int(m.group(1)), m.group(2) is not None
+        assert self.session is not None and self.envelope is not None
+        refusal = None
+        if not self.session.host_name:
+            refusal = "503 5.5.1 Error: send HELO first"
+        elif self._auth_required and not self.session.authenticated:
+            refusal = "530 5.7.0 Authentication required"
+        elif not self.envelope.rcpt_tos:
+            refusal = "503 5.5.1 Error: need RCPT command"
+        if refusal is not None:
+            await self._skip(size)
+            await self.push(refusal)
+            return
+        chunks: _Chunks | None = getattr(self.envelope, "mailfort_chunks", None)
+        if chunks is None:
+            chunks = _Chunks([])
+            setattr(self.envelope, "mailfort_chunks", chunks)  # noqa: B010  # Envelope has no slot
+        limit = self.data_size_limit
+        if chunks.refusal is None and limit and chunks.size + size > limit:
+            # SIZE (RFC 1870 §6): refuse, and drop what came so far rather than hold it.
+            chunks.refusal = "552 5.3.4 Message size exceeds fixed maximum message size"
+            chunks.parts.clear()
+        if chunks.refusal is not None:
+            await self._skip(size)
+        else:
+            try:
+                chunks.parts.append(await self._reader.readexactly(size))
+            except asyncio.IncompleteReadError:
+                return  # the client went away mid-chunk; connection_lost cleans up
+        chunks.size += size
+        if not last:
+            await self.push(chunks.refusal or f"250 2.0.0 {size} octets received")
+            return
+        if chunks.refusal is not None:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # LAST ends it
+            await self.push(chunks.refusal)
+            return
+        content = b"".join(chunks.parts)
+        chunks.parts.clear()
+        self.envelope.original_content = content
+        self.envelope.content = (
+            content.decode("utf-8", errors="surrogateescape") if self._decode_data else content
+        )
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is _aiosmtpd.MISSING else status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if self.envelope is not None and getattr(self.envelope, "mailfort_chunks", None):
+            # RFC 3030 §2: DATA and BDAT do not mix within one transaction.
+            await self.push("503 5.5.1 Error: DATA after BDAT; send RSET")
+            return
+        await super().smtp_DATA(arg)
+
+    async def _skip(self, size: int) -> None:
+        """Read and drop ``size`` octets, a piece at a time (none of it is kept)."""
+        try:
+            while size > 0:
+                piece = min(size, _DISCARD_PIECE)
+                await self._reader.readexactly(piece)
+                size -= piece
+        except asyncio.IncompleteReadError:
+            return
+
+    def _close_now(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+
+# HELP reads the syntax aiosmtpd's decorator put on its methods: keep it on our wrapper.
+for _attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+    if hasattr(SMTP.smtp_DATA, _attr):
+        setattr(MXSMTP.smtp_DATA, _attr, getattr(SMTP.smtp_DATA, _attr))
+
+
 class EhloExtensions:
     """Mixin for handlers: advertise what the server does beyond aiosmtpd's list."""
 
@@ -491,6 +617,8 @@ class EhloExtensions:
         session.host_name = hostname
         # aiosmtpd reads pipelined commands in order already; it just does not say so.
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        if getattr(server, "offers_chunking", False):
+            extra.append("250-CHUNKING")  # RFC 3030
         return [responses[0], *extra, *responses[1:]]
 
 
