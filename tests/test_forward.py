@@ -37,6 +37,8 @@ from conftest import require_tool, run_cli, start_outbound_dev
 from dnsserver import DNSServer
 from tests_support import free_port, read_folder, wait_for
 
+# One server per module: its tests share it on one xdist worker.
+pytestmark = pytest.mark.xdist_group("forward")
 PEER = "127.0.0.2"
 PASSWORD = "a long test passphrase"
 

@@ -666,6 +666,7 @@ async def test_report_sender_queues_posts_and_forgets(
             https_context=pkix_context(pki.ca_file),
             https_timeout=5,
             delay=0,
+            allow_private=True,  # the collector listens on loopback
         )
         assert await sender.send_due() == 2
         [waiting] = queue.due(time.time() + 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import smtplib
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from conftest import run_cli, start_outbound_dev
 from dnsserver import DNSServer
 from tests_support import read_folder
 
+# One server per module: its tests share it on one xdist worker.
+pytestmark = pytest.mark.xdist_group("smtp-quota")
 PASSWORD = "a long test passphrase"
 QUOTA = 20_000
 
@@ -62,10 +65,10 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
     data_dir = root / "var"
     proc, info = start_outbound_dev(data_dir, dns.port, 9, env={"MAILFORT_QUOTA_BYTES": str(QUOTA)})
     try:
-        for user in ("alice", "bob", "carol"):
+        for user in ("alice", "bob", "carol", "erin", "gina"):
             run_cli(data_dir, "user", "add", f"{user}@example.test", "--password-stdin",
                     stdin=PASSWORD + "\n")  # fmt: skip
-        run_cli(data_dir, "alias", "add", "team@example.test", "alice@example.test",
+        run_cli(data_dir, "alias", "add", "team@example.test", "erin@example.test",
                 "bob@example.test")  # fmt: skip
         yield MX(data_dir, int(info["ports"]["smtp"]))
     finally:
@@ -91,12 +94,13 @@ def test_full_mailbox_is_refused_at_rcpt_when_size_is_declared_and_at_data_other
 
 
 def test_other_recipients_still_get_it_and_the_sender_gets_a_dsn(mx: MX) -> None:
-    # alice is full from the test above; bob has room.
+    # Each test fills its own user: xdist may run them in any order, on any worker.
+    assert mx.send(["erin@example.test"], message(f"fill-{uuid.uuid4().hex[:8]}"))[0] == 250
     marker = f"team-{uuid.uuid4().hex[:8]}"
     code, text = mx.send(["team@example.test"], message(marker))
     assert code == 250, text
     assert sum(marker.encode() in m for m in mx.inbox("bob@example.test")) == 1
-    assert not any(marker.encode() in m for m in mx.inbox("alice@example.test"))
+    assert not any(marker.encode() in m for m in mx.inbox("erin@example.test"))
     [report] = [m for m in mx.inbox("carol@example.test") if marker.encode() in m]
     assert b"multipart/report" in report
     assert b"Final-Recipient: rfc822; team@example.test" in report  # what carol wrote
@@ -107,9 +111,15 @@ def test_mailfort_deliver_exits_77_for_a_full_mailbox(
     mx: MX, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MAILFORT_QUOTA_BYTES", str(QUOTA))  # the LDA reads the same setting
-    result = run_cli(
-        mx.data_dir, "deliver", "--to", "alice@example.test", "--from", "x@y.test",
-        stdin=message("lda").decode(), check=False,
-    )  # fmt: skip
+
+    def deliver(marker: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            mx.data_dir, "deliver", "--to", "gina@example.test", "--from", "x@y.test",
+            stdin=message(marker).decode(), check=False,
+        )  # fmt: skip
+
+    assert deliver("lda-1").returncode == 0
+    result = deliver("lda-2")
     assert result.returncode == 77, result.stderr
     assert result.stderr.startswith("5.2.2 Mailbox full")
+    assert [b"lda-1" in m for m in mx.inbox("gina@example.test")] == [True]
