@@ -87,6 +87,8 @@ def test_dev_restarts_with_the_same_demo_account(tmp_path: Path) -> None:
         ('data_dir = "/tmp/x"\n[nope]\nx = 1\n', "unknown section [nope]"),
         ("hostname = 'mx.example.org'\n", "'data_dir' is required"),
         ("data_dir = \n", "Invalid"),
+        ('data_dir = "/tmp/x"\n[quota]\nbytes = -5\n', "'quota.bytes' must not be negative"),
+        ('data_dir = "/tmp/x"\n[forward]\nallow_private_webhooks = 1\n', "true or false"),
     ],
 )
 def test_serve_refuses_bad_config_naming_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -117,6 +119,15 @@ def test_env_overrides_config(tmp_path: Path) -> None:
     assert [(n.host, n.port) for n in settings.nameservers] == [("127.0.0.1", 5353)]
     assert settings.ports == {"smtp": 2525}
     assert settings.directory_url == f"sqlite:///{tmp_path / 'directory.sqlite3'}"
+
+
+def test_quota_from_toml_and_env(tmp_path: Path) -> None:
+    path = tmp_path / "mailfort.toml"
+    path.write_text('data_dir = "/srv/mail"\n[quota]\nbytes = 1000000\nmessages = 0\n')
+    settings = config.load(path, env={})
+    assert (settings.quota().storage, settings.quota().messages) == (1_000_000, None)  # 0: none
+    settings = config.load(path, env={"MAILFORT_QUOTA_BYTES": "2000"})
+    assert settings.quota().storage == 2000
 
 
 def test_dev_workers_share_the_smtp_port_and_stop_together(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def build(
     return Services(
         settings=settings,
         directory=Directory.open(settings.directory_url, server_key),
-        store=MailStore(settings.data_dir),
+        store=MailStore(settings.data_dir, quota=settings.quota()),
         resolver=Resolver(settings.nameservers, cache=True),
         queue=Queue(settings.data_dir, server_key),
         limits=SendingLimits(SendingPolicy(**settings.sending_limits)),

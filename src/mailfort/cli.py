@@ -183,7 +183,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         raise CliError(
             f"{exc} forwards outside: the MX relays it, not the LDA", EX_UNAVAILABLE
         ) from exc
-    store = MailStore(_data_dir(args))
+    store = MailStore(_data_dir(args), quota=_settings(args).quota())
     try:
         delivery.deliver_local(store, targets, delivery.with_return_path(raw, args.mail_from))
     except QuotaExceeded as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mailfort.dns import Nameserver
+from mailfort.store.quota import DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_MESSAGES, Quota
 
 LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "https")
 PRODUCTION_PORTS = {
@@ -56,6 +57,18 @@ class Settings:
     # Webhook targets on private, loopback or link-local addresses would let a domain owner
     # make this server call into the operator's own network (SSRF): off unless allowed.
     allow_private_webhooks: bool = False
+    # Per-mailbox limits (RFC 9208 STORAGE and MESSAGE); None: the store's defaults, 0: none.
+    quota_bytes: int | None = None
+    quota_messages: int | None = None
+
+    def quota(self) -> Quota:
+        """What delivery, APPEND and COPY may fill a mailbox up to."""
+        return Quota(
+            DEFAULT_QUOTA_BYTES if self.quota_bytes is None else (self.quota_bytes or None),
+            DEFAULT_QUOTA_MESSAGES
+            if self.quota_messages is None
+            else (self.quota_messages or None),
+        )
 
     def __post_init__(self) -> None:
         if not self.directory_url:
@@ -84,6 +97,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "outbound": {"port": int, "ca_file": str, "mta_sts_port": int},
     "submission": {name: int for name in _LIMIT_NAMES},
     "forward": {"allow_private_webhooks": bool},
+    "quota": {"bytes": int, "messages": int},
 }
 
 # Environment overrides: the variable, and the TOML key it replaces.
@@ -97,6 +111,8 @@ _ENV = {
     "MAILFORT_OUTBOUND_CA_FILE": "outbound.ca_file",
     "MAILFORT_MTA_STS_PORT": "outbound.mta_sts_port",
     "MAILFORT_FORWARD_ALLOW_PRIVATE_WEBHOOKS": "forward.allow_private_webhooks",
+    "MAILFORT_QUOTA_BYTES": "quota.bytes",
+    "MAILFORT_QUOTA_MESSAGES": "quota.messages",
     **{f"MAILFORT_SUBMISSION_{name.upper()}": f"submission.{name}" for name in _LIMIT_NAMES},
 }
 _BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
@@ -180,6 +196,9 @@ def from_flat(flat: dict[str, Any]) -> Settings:
     if "outbound.ca_file" in flat and not Path(flat["outbound.ca_file"]).is_file():
         # Checked here, so the error names the key rather than surfacing as a traceback.
         raise ConfigError(f"setting 'outbound.ca_file': no file {flat['outbound.ca_file']}")
+    for key in ("quota.bytes", "quota.messages"):
+        if flat.get(key, 0) < 0:
+            raise ConfigError(f"setting {key!r} must not be negative (0: no limit)")
     settings = Settings(
         data_dir=Path(flat["data_dir"]).expanduser(),
         directory_url=flat.get("directory.url", ""),
@@ -196,6 +215,8 @@ def from_flat(flat: dict[str, Any]) -> Settings:
         outbound_ca_file=Path(flat["outbound.ca_file"]) if "outbound.ca_file" in flat else None,
         mta_sts_port=int(flat.get("outbound.mta_sts_port", 443)),
         allow_private_webhooks=bool(flat.get("forward.allow_private_webhooks", False)),
+        quota_bytes=flat.get("quota.bytes"),
+        quota_messages=flat.get("quota.messages"),
     )
     if "hostname" in flat:
         settings.hostname = flat["hostname"]
