@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import email.utils
 import math
@@ -73,9 +72,7 @@ from pathlib import Path
 import dkim
 import uvloop
 from _peers import CachingDNS, smtp_banner, stop_process, tree_cpu, wait_for
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from smtp_inbound import machine_busy, wait_quiet
+from smtp_inbound import dkim_key, machine_busy, wait_quiet
 from smtp_outbound import SINK_ADDRESS, Sink, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,20 +91,6 @@ GREETING_RETRIES = 200
 GREETING_PAUSE = 0.05  # seconds
 
 # ---- the load ------------------------------------------------------------------------------
-
-
-def dkim_key() -> tuple[bytes, str]:
-    """A fresh RSA-2048 key: (PKCS#1 PEM for dkimpy, base64 SubjectPublicKeyInfo for DNS)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(public).decode()
 
 
 def messages(count: int, size: int, key_pem: bytes | None) -> list[bytes]:

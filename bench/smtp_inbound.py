@@ -58,7 +58,6 @@ prints the share); without it, threads blocked in C (queue waits, epoll) count a
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import contextlib
 import email.utils
@@ -91,8 +90,8 @@ from _peers import (
     tree_cpu,
     wait_for,
 )
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mailfort.directory import dkimkeys
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -137,17 +136,9 @@ class Workload:
 
 
 def dkim_key() -> tuple[bytes, str]:
-    """A fresh RSA-2048 key: (PKCS#1 PEM for dkimpy, base64 SubjectPublicKeyInfo for DNS)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(public).decode()
+    """A fresh RSA-2048 key of the sender's: (PEM for dkimpy, base64 public key for DNS)."""
+    new = dkimkeys.generate("rsa", SELECTOR)
+    return new.private, new.public_b64
 
 
 def write_messages(work: Workload, outdir: Path, key_pem: bytes | None) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,34 +60,55 @@ def run_cli(
     return result
 
 
-def start_outbound_dev(
-    data_dir: Path, dns_port: int, smtp_port: int, env: dict[str, str] | None = None
+def start_dev(
+    data_dir: Path,
+    dns_port: int | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    """`mailfort dev` whose outbound delivery goes to ``smtp_port``; returns it and dev.json.
+    """`mailfort dev` on ``data_dir`` (resolving through the test DNS server on ``dns_port``
+    if given); returns the process and its dev.json (ports, demo account). ``args``: more
+    `dev` arguments (``--workers 2``).
 
     Its stderr goes to a file beside the data dir: an unread pipe would block the server.
     """
     log_path = data_dir.parent / "mailfort.stderr"
     with log_path.open("a") as log:
         proc = subprocess.Popen(
-            [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--dns", f"127.0.0.1:{dns_port}"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env={
-                **os.environ,
-                "MAILFORT_OUTBOUND_PORT": str(smtp_port),
-                "MAILFORT_HOSTNAME": "mx.example.test",
-                **(env or {}),
-            },
-        )
+            [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", *args,
+             *(["--dns", f"127.0.0.1:{dns_port}"] if dns_port is not None else [])],
+            stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
+        )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
         if "Ctrl-C stops" in line:
             break
     else:
+        proc.wait()
         raise AssertionError(f"mailfort dev did not start: {log_path.read_text()}")
     return proc, json.loads((data_dir / "dev.json").read_text())
+
+
+def start_outbound_dev(
+    data_dir: Path, dns_port: int, smtp_port: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """`mailfort dev` whose outbound delivery and forwarding go to ``smtp_port``."""
+    env = {"MAILFORT_OUTBOUND_PORT": str(smtp_port), "MAILFORT_HOSTNAME": "mx.example.test",
+           **(env or {})}  # fmt: skip
+    return start_dev(data_dir, dns_port, env=env)
+
+
+def stop_dev(proc: subprocess.Popen[str]) -> int | None:
+    """SIGTERM, as an operator stops it; killed if not gone in 30 s. The exit code, or
+    None when it had to be killed."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
 
 
 @pytest.fixture

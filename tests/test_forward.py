@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import smtplib
 import subprocess
 import time
@@ -33,7 +32,7 @@ from test_dkim_signing import zone_from_dns_output
 from test_relay_support import PKI
 from webhook_support import Answer, WebhookReceiver
 
-from conftest import require_tool, run_cli, start_outbound_dev
+from conftest import require_tool, run_cli, start_outbound_dev, stop_dev
 from dnsserver import DNSServer
 from tests_support import free_port, read_folder, wait_for
 
@@ -165,15 +164,10 @@ def fwd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forwarding]:
         dns.set_zone(zone)
         yield Forwarding(data_dir, tmp_dir, mx_port, proc.pid, postfix, dns, hook)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            postfix.remove()
-            dns.close()
-            hook.close()
+        stop_dev(proc)
+        postfix.remove()
+        dns.close()
+        hook.close()
 
 
 def crlf(stored: bytes) -> bytes:

@@ -26,7 +26,7 @@ from mailfort.dns import Nameserver, Resolver
 from postfix_peer import PostfixMX
 from test_dkim_signing import PERL_VERIFY, zone_from_dns_output
 
-from conftest import require_tool, run_cli, start_outbound_dev
+from conftest import require_tool, run_cli, start_outbound_dev, stop_dev
 from dnsserver import DNSServer
 from tests_support import free_port, read_folder, wait_for
 
@@ -94,14 +94,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         dns.set_zone(zone)
         yield Setup(data_dir, ports, app.stdout.strip(), postfix, dns)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            postfix.remove()
-            dns.close()
+        stop_dev(proc)
+        postfix.remove()
+        dns.close()
 
 
 def message(subject: str, sender: str = "alice@example.test", to: str = "bob@remote.test") -> bytes:

@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import http.server
 import json
-import signal
 import smtplib
 import ssl
 import subprocess
@@ -69,7 +68,7 @@ from mailfort.relay.tlsrpt import (
 from postfix_peer import PostfixMX
 from test_relay_support import PKI, Canned, HTTPSServer, Issued
 
-from conftest import require_tool, start_outbound_dev
+from conftest import require_tool, start_outbound_dev, stop_dev
 from conftest_dns import DNSFixture
 from dnsserver import DNSServer, Entry
 from tests_support import free_port, wait_for
@@ -285,12 +284,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         yield Setup(data_dir, info["ports"], info["password"], postfix, policy_host, dns)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+            stop_dev(proc)
         postfix.remove()
         policy_host.close()
         dns.close()

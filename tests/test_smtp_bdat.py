@@ -7,23 +7,18 @@ reply to the BDAT (refused, over SIZE, malformed), and DATA and BDAT do not mix.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mailfort.directory.service import Directory
 from mailfort.smtp.server import DATA_SIZE_LIMIT
-from mailfort.store.service import MailStore
 
-from conftest import mailfort_cmd, run_cli
+from conftest import run_cli, start_dev, stop_dev
 from dnsserver import DNSServer
+from tests_support import read_folder
 
 PASSWORD = "a long test passphrase"
 
@@ -34,17 +29,7 @@ class MX:
     port: int
 
     def inbox(self) -> list[bytes]:
-        directory = Directory.open(f"sqlite:///{self.data_dir / 'directory.sqlite3'}")
-        unlocked = directory.unlock("alice@example.test", PASSWORD)
-        store = MailStore(self.data_dir)
-        try:
-            mbx = store.open(unlocked.user.mailbox_id, unlocked.secrets)
-            out = [mbx.raw("INBOX", m.uid) for m in mbx.messages("INBOX")]
-            store.release(unlocked.user.mailbox_id)
-            return out
-        finally:
-            store.close()
-            directory.close()
+        return read_folder(self.data_dir, "alice@example.test", PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -52,33 +37,15 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
     data_dir = tmp_path_factory.mktemp("bdat") / "var"
     dns = DNSServer()
     dns.set_zone({"plain.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")]})
-    proc = subprocess.Popen(
-        [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--dns", f"127.0.0.1:{dns.port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
+    proc, info = start_dev(data_dir, dns.port)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Ctrl-C stops" in line:
-                break
-        else:
-            pytest.fail(f"mailfort dev did not start: {proc.stderr.read() if proc.stderr else ''}")
-        info = json.loads((data_dir / "dev.json").read_text())
         run_cli(
             data_dir, "user", "add", "alice@example.test", "--password-stdin", stdin=PASSWORD + "\n"
         )
         yield MX(data_dir, info["ports"]["smtp"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            dns.close()
+        stop_dev(proc)
+        dns.close()
 
 
 class Client:

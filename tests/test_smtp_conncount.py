@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import ClassVar
@@ -23,7 +21,7 @@ from hypothesis import strategies as st
 from mailfort.smtp.conncount import SharedConnectionCounts, TableFull
 from mailfort.smtp.server import MAX_PER_IP, ConnectionTable, MailfortSMTP, smtp_factory
 
-from conftest import mailfort_cmd
+from conftest import start_dev, stop_dev
 
 ADDRESSES = [f"192.0.2.{i}" for i in range(12)] + ["2001:db8::1", "local"]
 
@@ -142,27 +140,11 @@ def test_lock_of_a_killed_process_is_released() -> None:
 @pytest.fixture(scope="module")
 def mx_two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     data_dir = tmp_path_factory.mktemp("mx2") / "var"
-    proc = subprocess.Popen(
-        [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, info = start_dev(data_dir, args=["--workers", "2"])
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Ctrl-C stops" in line:
-                break
-        else:
-            pytest.fail(f"mailfort dev did not start: {proc.stderr.read() if proc.stderr else ''}")
-        yield int(json.loads((data_dir / "dev.json").read_text())["ports"]["smtp"])
+        yield int(info["ports"]["smtp"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_dev(proc)
 
 
 def _greeting(port: int) -> tuple[socket.socket, bytes]:

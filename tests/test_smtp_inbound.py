@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import smtplib
 import socket
 import ssl
@@ -23,11 +21,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailfort.directory.service import Directory
-from mailfort.store.service import MailStore
-
-from conftest import mailfort_cmd, require_tool, run_cli
+from conftest import require_tool, run_cli, start_dev, stop_dev
 from dnsserver import DNSServer
+from tests_support import read_mailbox
 
 PASSWORD = "a long test passphrase"
 DKIM_SELECTOR = "s2026"
@@ -42,20 +38,7 @@ class MX:
 
     def stored(self, address: str = "alice@example.test") -> dict[str, list[bytes]]:
         """Every message in the mailbox by folder, read as the user (drains the spool)."""
-        directory = Directory.open(f"sqlite:///{self.data_dir / 'directory.sqlite3'}")
-        unlocked = directory.unlock(address, PASSWORD)
-        store = MailStore(self.data_dir)
-        try:
-            mbx = store.open(unlocked.user.mailbox_id, unlocked.secrets)
-            out = {
-                f.name: [mbx.raw(f.name, m.uid) for m in mbx.messages(f.name)]
-                for f in mbx.folders()
-            }
-            store.release(unlocked.user.mailbox_id)
-            return out
-        finally:
-            store.close()
-            directory.close()
+        return read_mailbox(self.data_dir, address, PASSWORD)
 
 
 def _zone(dkim_public: str) -> dict[str, list[tuple[str, object] | str]]:
@@ -98,21 +81,10 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
     ).decode()
     dns = DNSServer()
     dns.set_zone(_zone(public))
-    proc = subprocess.Popen(
-        [*mailfort_cmd(), "--data-dir", str(data_dir), "dev", "--dns", f"127.0.0.1:{dns.port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "MAILFORT_TRUSTED_FORWARDERS": "forwarder.test"},
+    proc, info = start_dev(
+        data_dir, dns.port, env={"MAILFORT_TRUSTED_FORWARDERS": "forwarder.test"}
     )
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Ctrl-C stops" in line:
-                break
-        else:
-            pytest.fail(f"mailfort dev did not start: {proc.stderr.read() if proc.stderr else ''}")
-        info = json.loads((data_dir / "dev.json").read_text())
         run_cli(
             data_dir, "user", "add", "alice@example.test", "--password-stdin", stdin=PASSWORD + "\n"
         )
@@ -124,13 +96,10 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
         )
         yield MX(data_dir, info["ports"]["smtp"], key_path, dns)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            dns.close()
+        code = stop_dev(proc)
+        dns.close()
+        log = (data_dir.parent / "mailfort.stderr").read_text()
+        assert code == 0, log  # a clean stop after everything the tests threw at it
 
 
 def message(

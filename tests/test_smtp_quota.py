@@ -7,7 +7,6 @@ fill a mailbox on the second one.
 
 from __future__ import annotations
 
-import signal
 import smtplib
 import subprocess
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, start_outbound_dev
+from conftest import run_cli, start_dev, stop_dev
 from dnsserver import DNSServer
 from tests_support import read_folder
 
@@ -63,7 +62,7 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
     dns = DNSServer()
     dns.set_zone({"example.test": [("TXT", "v=spf1 ip4:127.0.0.0/8 -all")]})
     data_dir = root / "var"
-    proc, info = start_outbound_dev(data_dir, dns.port, 9, env={"MAILFORT_QUOTA_BYTES": str(QUOTA)})
+    proc, info = start_dev(data_dir, dns.port, env={"MAILFORT_QUOTA_BYTES": str(QUOTA)})
     try:
         for user in ("alice", "bob", "carol", "erin", "gina"):
             run_cli(data_dir, "user", "add", f"{user}@example.test", "--password-stdin",
@@ -72,13 +71,8 @@ def mx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MX]:
                 "bob@example.test")  # fmt: skip
         yield MX(data_dir, int(info["ports"]["smtp"]))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            dns.close()
+        stop_dev(proc)
+        dns.close()
 
 
 def test_full_mailbox_is_refused_at_rcpt_when_size_is_declared_and_at_data_otherwise(

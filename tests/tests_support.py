@@ -43,18 +43,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def read_folder(
-    data_dir: Path, address: str, password: str = "a long test passphrase", folder: str = "INBOX"
-) -> list[bytes]:
-    """Every message in one folder, read as the user would (this drains their spool)."""
+def read_mailbox(
+    data_dir: Path, address: str, password: str = "a long test passphrase"
+) -> dict[str, list[bytes]]:
+    """Every message by folder, read as the user would (this drains their spool)."""
     directory = Directory.open(f"sqlite:///{data_dir / 'directory.sqlite3'}")
     unlocked = directory.unlock(address, password)
     store = MailStore(data_dir)
     try:
         mbx = store.open(unlocked.user.mailbox_id, unlocked.secrets)
-        out = [mbx.raw(folder, m.uid) for m in mbx.messages(folder)]
+        out = {
+            f.name: [mbx.raw(f.name, m.uid) for m in mbx.messages(f.name)] for f in mbx.folders()
+        }
         store.release(unlocked.user.mailbox_id)
         return out
     finally:
         store.close()
         directory.close()
+
+
+def read_folder(
+    data_dir: Path, address: str, password: str = "a long test passphrase", folder: str = "INBOX"
+) -> list[bytes]:
+    return read_mailbox(data_dir, address, password)[folder]

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from mailfort.directory.service import Directory, Route, SigningKey
 
 ROUTE_CACHE_SIZE = 4096
+T = TypeVar("T")
 KEY_CACHE_SECONDS = 60.0
 
 
@@ -50,21 +52,27 @@ class RouteCache:
         return route
 
 
-class SigningKeyCache:
-    """A domain's unsealed DKIM keys for a minute: a rotation takes effect within it."""
+class PerDomain(Generic[T]):
+    """A per-domain directory answer for ``ttl`` seconds (a minute: a DKIM rotation or a
+    new webhook secret takes effect within it); the lookup runs off the event loop."""
 
-    def __init__(self, directory: Directory, ttl: float = KEY_CACHE_SECONDS) -> None:
-        self.directory = directory
+    def __init__(self, lookup: Callable[[str], T], ttl: float = KEY_CACHE_SECONDS) -> None:
+        self.lookup = lookup
         self.ttl = ttl
-        self._keys: dict[str, tuple[float, list[SigningKey]]] = {}
+        self._held: dict[str, tuple[float, T]] = {}
 
-    async def keys(self, domain: str) -> list[SigningKey]:
+    async def get(self, domain: str) -> T:
         now = time.monotonic()
-        cached = self._keys.get(domain)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        keys = await asyncio.to_thread(self.directory.signing_keys, domain)
-        if len(self._keys) > 4096:
-            self._keys.clear()
-        self._keys[domain] = (now + self.ttl, keys)
-        return keys
+        held = self._held.get(domain)
+        if held is not None and held[0] > now:
+            return held[1]
+        value = await asyncio.to_thread(self.lookup, domain)
+        if len(self._held) > 4096:
+            self._held.clear()
+        self._held[domain] = (now + self.ttl, value)
+        return value
+
+
+def signing_keys(directory: Directory) -> PerDomain[list[SigningKey]]:
+    """A domain's unsealed DKIM keys, Ed25519 first."""
+    return PerDomain(directory.signing_keys)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mailfort.auth import signing
-from mailfort.directory.lookups import SigningKeyCache
+from mailfort.directory.lookups import PerDomain, signing_keys
 from mailfort.directory.service import Directory, SigningKey
 from mailfort.dns import Resolver
 from mailfort.outbound import client, dsn
@@ -51,7 +51,6 @@ log = logging.getLogger("mailfort.relay.forward")
 
 DELIVERED_TTL: Final = 86400.0  # how long a retry is recognised as one
 SRS_ISSUED_TTL: Final = 10 * 86400.0  # as long as an SRS address stays valid
-KEY_CACHE_SECONDS: Final = 60.0
 # Downstream answers that say "your From fails DMARC here" (RFC 7372 5.7.26; providers
 # also use 5.7.1 with the word in the text).
 _DMARC_REFUSAL = re.compile(rb"dmarc|5\.7\.26", re.IGNORECASE)
@@ -94,6 +93,11 @@ class _Result:
     target: Target
     code: int  # SMTP code, or 421 for a failed webhook
     detail: str
+
+    @property
+    def status(self) -> str:
+        """The downstream enhanced status code (RFC 3463), as a DSN reads it."""
+        return dsn.Failure(self.target.value, self.code, self.detail).status
 
 
 SRS_PERIOD: Final = 30 * 86400  # a new SRS secret each period; the previous one still verifies
@@ -199,14 +203,14 @@ class Forwarder:
         # Sessions to the targets' MXs kept open between messages (per worker and loop):
         # the handshakes are most of a forward's cost otherwise.
         self.pool = pool
-        self._keys = SigningKeyCache(directory)
-        self._secrets: dict[str, tuple[float, bytes]] = {}
+        self._keys = signing_keys(directory)
+        self._secrets = PerDomain(directory.webhook_secret)
 
     # ---- the transaction -------------------------------------------------------------------
 
     async def forward(
         self,
-        raw: bytes,
+        fp: bytes,
         message: bytes,
         mail_from: str,
         targets: Sequence[Target],
@@ -217,13 +221,13 @@ class Forwarder:
     ) -> Reply:
         """Relay ``message`` (our Received and Authentication-Results on top) to ``targets``.
 
-        ``raw`` is the message as received: its digest recognises a retry.
+        ``fp`` is `fingerprint` of the sender and the message as received: it recognises a
+        retry.
         ``auth_results`` is our Authentication-Results value and ``arc_cv`` our verdict on
         the ARC chain it arrived with: the ARC set we add carries both.
         ``stored_locally``: the caller also filed copies for local users, so permanent
         forwarding failures are reported by a DSN rather than by refusing the message.
         """
-        fp = fingerprint(mail_from, raw)
         pending = [t for t in targets if delivered_key(fp, t.value) not in self.memo]
         skipped = len(targets) - len(pending)
         groups: dict[tuple[str, str], list[Target]] = {}
@@ -258,8 +262,7 @@ class Forwarder:
         if self.bounce is None:
             return
         failures = [
-            dsn.Failure(r.target.alias, 550, f"{_enhanced(r.detail) or '5.0.0'} forwarding failed")
-            for r in failed
+            dsn.Failure(r.target.alias, 550, f"{r.status} forwarding failed") for r in failed
         ]
         report = dsn.build(self.hostname, sender, failures, message)
         try:
@@ -278,7 +281,7 @@ class Forwarder:
         if failed and not ok:
             # The downstream enhanced code tells the sender why; its text could name the
             # target, so it stays in our log only.
-            status = _enhanced(failed[0].detail) or "5.0.0"
+            status = failed[0].status
             return Reply(550, f"{status} The forwarding target refused the message")
         if failed:
             log.info("forward: %d of %d targets refused permanently", len(failed), len(results))
@@ -352,7 +355,7 @@ class Forwarder:
 
     async def _sign_and_seal(self, domain: str, message: bytes, copy: _Copy) -> bytes:
         try:
-            keys = await self._keys.keys(domain)
+            keys = await self._keys.get(domain)
         except Exception:
             log.exception("forward: no DKIM keys for a forwarding domain")
             return message
@@ -366,7 +369,7 @@ class Forwarder:
         self, target: Target, message: bytes, sender: str, auth_results: str
     ) -> list[_Result]:
         try:
-            secret = await self._webhook_secret(target.forwarding_domain)
+            secret = await self._secrets.get(target.forwarding_domain)
             body = await asyncio.to_thread(
                 webhook.build_payload,
                 message,
@@ -395,20 +398,6 @@ class Forwarder:
             log.info("forward: webhook answered %s (%s)", result.status, result.detail)
             return [_Result(target, 421, result.detail)]
         return [_Result(target, 250, result.detail)]
-
-    async def _webhook_secret(self, domain: str) -> bytes:
-        now = time.monotonic()
-        cached = self._secrets.get(domain)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        secret = await asyncio.to_thread(self.directory.webhook_secret, domain)
-        self._secrets[domain] = (now + KEY_CACHE_SECONDS, secret)
-        return secret
-
-
-def _enhanced(text: str) -> str | None:
-    match = re.match(r"\s*([245]\.\d{1,3}\.\d{1,3})\b", text)
-    return match.group(1) if match else None
 
 
 def sign_and_seal(

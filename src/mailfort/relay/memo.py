@@ -68,7 +68,6 @@ PROBE = 16
 """Slots a key may occupy from its home slot: bounds the work of every operation."""
 
 _SLOT = struct.Struct("<8sdq")  # keyed hash, expiry, count (for incr)
-_EXPIRY = struct.Struct("<d")
 _COUNT = struct.Struct("<q")
 _EMPTY = bytes(_SLOT.size)
 _ZERO_HASH = bytes(8)
@@ -200,9 +199,17 @@ class SharedMemo:
 
     def count(self, key: bytes) -> int:
         """``key``'s live counter (0 when absent or expired)."""
+        entry = self._read(key)
+        return entry[1] if entry is not None else 0
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self._read(key) is not None
+
+    def _read(self, key: bytes) -> tuple[float, int] | None:
+        """(expiry, count) of ``key`` if live; None if absent, expired or not lockable."""
         needle, base = self._locate(key)
         if not self._acquire():
-            return 0
+            return None
         try:
             now = self._clock()
             window = self._map[base : base + self._span]
@@ -210,23 +217,9 @@ class SharedMemo:
             self._release()
         slot = _find(window, needle)
         if slot < 0:
-            return 0
+            return None
         _hash, expiry, count = _SLOT.unpack_from(window, slot * _SLOT.size)
-        return int(count) if expiry > now else 0
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, bytes):
-            return False
-        needle, base = self._locate(key)
-        if not self._acquire():
-            return False
-        try:
-            now = self._clock()
-            window = self._map[base : base + self._span]
-        finally:
-            self._release()
-        slot = _find(window, needle)
-        return slot >= 0 and bool(_EXPIRY.unpack_from(window, slot * _SLOT.size + 8)[0] > now)
+        return (expiry, int(count)) if expiry > now else None
 
     def discard(self, key: bytes) -> None:
         """Forget ``key`` if present."""

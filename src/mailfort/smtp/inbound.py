@@ -254,15 +254,16 @@ class InboundHandler(EhloExtensions):
         # Several copies: remember each filed one, so that a retry after a 4xx files the
         # rest only (one copy needs no record: its failure means nothing was filed).
         several = len(acc.users) + len(acc.targets) > 1
-        fp = fingerprint(mail_from, raw) if several and self.memo is not None else None
+        fp = fingerprint(mail_from, raw) if several or acc.targets else None
         stored, full, failed = await self._file(acc, message, folder, fp)
         if failed:
             return "451 4.3.0 Temporary failure storing the message, try again later"
         reply = None
         if acc.targets and self.forwarder is not None:
             ar = verdict.header.decode("ascii", "replace").split(":", 1)[1].strip()
+            assert fp is not None
             reply = await self.forwarder.forward(
-                raw,
+                fp,
                 received + stamped,
                 mail_from,
                 list(acc.targets.values()),
@@ -283,14 +284,16 @@ class InboundHandler(EhloExtensions):
     ) -> tuple[int, list[User], bool]:
         """File a copy for each local user: (copies filed, users whose mailbox is full,
         whether any copy failed for another reason)."""
-        memo = self.memo
+        memo = self.memo if fp is not None else None  # one copy: nothing to remember
 
         async def one(user: User) -> bool:
-            key = delivered_key(fp, "mailbox:" + user.mailbox_id) if fp is not None else None
-            if key is not None and memo is not None and key in memo:
+            if memo is None:
+                await self.store.deliver(recipient(user), message, folder)
                 return True
-            await self.store.deliver(recipient(user), message, folder)
-            if key is not None and memo is not None:
+            assert fp is not None
+            key = delivered_key(fp, "mailbox:" + user.mailbox_id)
+            if key not in memo:
+                await self.store.deliver(recipient(user), message, folder)
                 memo.add(key, DELIVERED_TTL)
             return True
 

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import MISSING, AuthResult
 
 from mailfort.auth.dkimsign import sign
 from mailfort.delivery import recipient
-from mailfort.directory.lookups import RouteCache, SigningKeyCache
+from mailfort.directory.lookups import RouteCache, signing_keys
 from mailfort.directory.service import (
     AuthFailed,
     Directory,
@@ -113,7 +113,7 @@ class SubmissionHandler(EhloExtensions):
         self.limits = limits
         self.hostname = hostname
         self.wake = wake
-        self._keys = SigningKeyCache(directory)
+        self._keys = signing_keys(directory)
         # A user sends to the same few addresses: each lookup was a thread hop and three
         # queries.
         self._routes = RouteCache(directory)
@@ -203,7 +203,7 @@ class SubmissionHandler(EhloExtensions):
         message = _complete(raw, self.hostname, from_addrs[0])
         domain = from_addrs[0].rpartition("@")[2].lower()
         try:
-            keys = await self._keys.keys(domain)
+            keys = await self._keys.get(domain)
         except Exception:
             log.exception("no DKIM keys for a sending domain")
             keys = []
