@@ -15,13 +15,17 @@ from mailfort.directory import dkimkeys
 from mailfort.directory.service import SigningKey
 from mailfort.relay.forward import (
     Forwarder,
-    ReadThroughPolicyCache,
     Target,
     _Result,
     rewrite_from,
     sign_and_seal,
 )
-from mailfort.relay.mtasts import MemoryPolicyCache
+from mailfort.relay.mtasts import (
+    CachedPolicy,
+    MemoryPolicyCache,
+    ReadThroughPolicyCache,
+    parse_policy,
+)
 
 ALIAS = "fwd@example.test"
 
@@ -125,7 +129,8 @@ def test_read_through_cache_reads_the_backing_store_once() -> None:
             return await super().get(domain)
 
     now = [0.0]
-    cache = ReadThroughPolicyCache(Counting(), clock=lambda: now[0])
+    backing = Counting()
+    cache = ReadThroughPolicyCache(backing, clock=lambda: now[0])
 
     async def run() -> None:
         for _ in range(5):
@@ -134,5 +139,12 @@ def test_read_through_cache_reads_the_backing_store_once() -> None:
         now[0] += ReadThroughPolicyCache.NEGATIVE_SECONDS + 1
         await cache.get("remote.test")
         assert Counting.reads == 2
+        # A policy fetched now is written through (a restart keeps it) and served from memory.
+        policy = parse_policy("version: STSv1\nmode: enforce\nmx: mx.remote.test\nmax_age: 86400\n")
+        await cache.put(CachedPolicy("Remote.Test.", "id1", policy, 0.0))
+        assert (await backing.get("remote.test")) is not None
+        assert (await cache.get("remote.test")) is not None and Counting.reads == 3
+        await cache.delete("remote.test")
+        assert await backing.get("remote.test") is None
 
     asyncio.run(run())

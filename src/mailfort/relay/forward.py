@@ -43,7 +43,6 @@ from mailfort.dns import Resolver
 from mailfort.outbound import client, dsn
 from mailfort.relay import webhook
 from mailfort.relay.memo import SharedMemo
-from mailfort.relay.mtasts import CachedPolicy, PolicyCache
 from mailfort.relay.srs import SRS, SRSError
 from mailfort.relay.tlspolicy import TLSPolicy
 
@@ -122,41 +121,6 @@ class SRSKeys:
             secrets = [self._derive(b"srs/%d" % p) for p in (period, period - 1)]
             srs = self._cache[key] = SRS(domain.lower(), secrets)
         return srs
-
-
-class ReadThroughPolicyCache:
-    """The engine's persistent MTA-STS cache, read once per domain and then held in memory.
-
-    Forwarding must not touch the disk per message; opening the SQLite cache for each
-    lookup would (its WAL index is created and truncated on every first open). Absent
-    entries are remembered for a few minutes; new policies still go to the shared file, so
-    a restart keeps them (RFC 8461 §5.1)."""
-
-    NEGATIVE_SECONDS: Final = 300.0
-
-    def __init__(self, backing: PolicyCache, clock: Callable[[], float] = time.monotonic):
-        self._backing = backing
-        self._clock = clock
-        self._entries: dict[str, tuple[float, CachedPolicy | None]] = {}
-
-    async def get(self, domain: str) -> CachedPolicy | None:
-        key = domain.lower().rstrip(".")
-        held = self._entries.get(key)
-        if held is not None and (held[1] is not None or held[0] > self._clock()):
-            return held[1]
-        entry = await self._backing.get(domain)
-        if len(self._entries) > 10000:
-            self._entries.clear()
-        self._entries[key] = (self._clock() + self.NEGATIVE_SECONDS, entry)
-        return entry
-
-    async def put(self, entry: CachedPolicy) -> None:
-        self._entries[entry.domain.lower().rstrip(".")] = (self._clock(), entry)
-        await self._backing.put(entry)
-
-    async def delete(self, domain: str) -> None:
-        self._entries.pop(domain.lower().rstrip("."), None)
-        await self._backing.delete(domain)
 
 
 def fingerprint(mail_from: str, raw: bytes) -> bytes:

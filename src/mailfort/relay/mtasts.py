@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from mailfort.dns import Resolver, TemporaryDNSError
 
@@ -232,6 +232,41 @@ class MemoryPolicyCache:
 
     async def delete(self, domain: str) -> None:
         self._entries.pop(normalize_host(domain), None)
+
+
+class ReadThroughPolicyCache:
+    """A persistent cache (the engine's SQLite one) read once per domain, then held in memory.
+
+    For callers that must not touch the disk per message (forwarding): opening the SQLite
+    cache for each lookup would (its WAL index is created and truncated on every first
+    open). Absent entries are remembered for a few minutes; new policies still go to the
+    shared file, so a restart keeps them (RFC 8461 §5.1)."""
+
+    NEGATIVE_SECONDS: Final = 300.0
+
+    def __init__(self, backing: PolicyCache, clock: Callable[[], float] = time.monotonic):
+        self._backing = backing
+        self._clock = clock
+        self._entries: dict[str, tuple[float, CachedPolicy | None]] = {}
+
+    async def get(self, domain: str) -> CachedPolicy | None:
+        key = normalize_host(domain)
+        held = self._entries.get(key)
+        if held is not None and (held[1] is not None or held[0] > self._clock()):
+            return held[1]
+        entry = await self._backing.get(domain)
+        if len(self._entries) > 10000:
+            self._entries.clear()
+        self._entries[key] = (self._clock() + self.NEGATIVE_SECONDS, entry)
+        return entry
+
+    async def put(self, entry: CachedPolicy) -> None:
+        self._entries[normalize_host(entry.domain)] = (self._clock(), entry)
+        await self._backing.put(entry)
+
+    async def delete(self, domain: str) -> None:
+        self._entries.pop(normalize_host(domain), None)
+        await self._backing.delete(domain)
 
 
 _CACHE_SCHEMA = """

@@ -11,8 +11,8 @@ from typing import Any
 from mailfort import delivery
 from mailfort.outbound.client import SessionPool
 from mailfort.relay.contexts import pkix_context
-from mailfort.relay.forward import Forwarder, ReadThroughPolicyCache, SRSKeys
-from mailfort.relay.mtasts import MTASTS, SQLitePolicyCache
+from mailfort.relay.forward import Forwarder, SRSKeys
+from mailfort.relay.mtasts import MTASTS, ReadThroughPolicyCache, SQLitePolicyCache
 from mailfort.relay.tlspolicy import TLSPolicy
 from mailfort.smtp import conncount
 from mailfort.smtp.inbound import InboundHandler, InboundPolicy
