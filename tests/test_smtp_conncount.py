@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailfort.smtp.conncount import SharedConnectionCounts, TableFull
-from mailfort.smtp.server import MAX_PER_IP, ConnectionTable, MailfortSMTP, smtp_factory
+from mailfort.smtp.server import MAX_PER_IP, ConnectionTable, SMTPProtocol, smtp_factory
 
 from conftest import start_dev, stop_dev
 
@@ -213,14 +213,17 @@ def test_failed_starttls_handshakes_do_not_leak_slots(mx_two_workers: int) -> No
             sock.close()
 
 
-class _Recording(MailfortSMTP):
-    """MailfortSMTP noting, as each reply goes to the transport, what the table counts."""
+class _Recording(SMTPProtocol):
+    """SMTPProtocol noting, as replies go to the transport, what the table counts."""
 
     seen: ClassVar[list[tuple[bytes, int]]] = []
 
-    async def _send(self, data: bytes) -> None:
-        self.seen.append((data[:3], self._connections.count(self._counted_ip)))
-        await super()._send(data)
+    def _flush(self) -> None:
+        data = self._core.outgoing()
+        if data:
+            self.seen.append((data[:3], self._connections.count(self._ip)))
+        if data and self._transport is not None:
+            self._transport.write(data)
 
 
 class _Handler:

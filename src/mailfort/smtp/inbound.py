@@ -36,7 +36,6 @@ from mailfort.relay.forward import (
 from mailfort.relay.memo import SharedMemo
 from mailfort.relay.srs import SRS, SRSError
 from mailfort.smtp import hygiene
-from mailfort.smtp.server import EhloExtensions
 from mailfort.store.service import MailStore, QuotaExceeded
 
 log = logging.getLogger("mailfort.smtp.inbound")
@@ -70,8 +69,8 @@ def _accepted(envelope: Any) -> _Accepted:
     return acc
 
 
-class InboundHandler(EhloExtensions):
-    """aiosmtpd handler hooks for port 25."""
+class InboundHandler:
+    """Handler hooks for port 25 (see `mailfort.smtp.server`)."""
 
     def __init__(
         self,
@@ -102,8 +101,8 @@ class InboundHandler(EhloExtensions):
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
-        # The null reverse-path (bounces) arrives as "<>" and stays so on the envelope:
-        # aiosmtpd's RCPT takes an empty mail_from for "no MAIL yet". See `_sender`.
+        # The null reverse-path (bounces) arrives as "<>" and stays so on the envelope
+        # (aiosmtpd's convention, kept by our server). See `_sender`.
         if address != "<>" and not hygiene.valid_mailbox(address):
             return "501 5.1.7 Bad sender address syntax"
         envelope.mail_from = address

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,8 +15,8 @@ from mailfort.relay.mtasts import MTASTS, ReadThroughPolicyCache, SQLitePolicyCa
 from mailfort.relay.tlspolicy import TLSPolicy
 from mailfort.smtp import conncount
 from mailfort.smtp.inbound import InboundHandler, InboundPolicy
-from mailfort.smtp.server import MXSMTP, ConnectionTable, smtp_factory
-from mailfort.smtp.submission import SubmissionHandler, SubmissionSMTP
+from mailfort.smtp.server import ConnectionTable, smtp_factory
+from mailfort.smtp.submission import SubmissionHandler
 from mailfort.tls import server_context
 
 
@@ -80,7 +79,7 @@ async def start_mx(services: Any, host: str, port: int) -> int:
     connections = None if shared is None else ConnectionTable(shared, services.worker_index)
     # SO_REUSEPORT: worker processes share the port and the kernel spreads connections.
     server = await loop.create_server(
-        smtp_factory(handler, settings.hostname, tls, connections=connections, protocol=MXSMTP),
+        smtp_factory(handler, settings.hostname, tls, connections=connections, chunking=True),
         host,
         port,
         reuse_port=True,
@@ -100,9 +99,6 @@ async def _start_submission(services: Any, host: str, port: int, *, implicit: bo
         settings.hostname,
         services.wake_engine,
     )
-    if implicit:
-        # aiosmtpd warns about AUTH without STARTTLS; on 465 TLS wraps the whole session.
-        warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
     factory = smtp_factory(
         handler,
         settings.hostname,
@@ -111,8 +107,7 @@ async def _start_submission(services: Any, host: str, port: int, *, implicit: bo
         # RFC 8314 §3.3 / RFC 6409: no credentials and no mail before TLS.
         require_starttls=not implicit,
         auth_required=True,
-        auth_require_tls=not implicit,  # on 465 the whole connection is TLS already
-        protocol=SubmissionSMTP,
+        auth_require_tls=True,  # on 465 the whole connection is TLS already
     )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(

@@ -1,35 +1,42 @@
-"""The SMTP listener: aiosmtpd with our banner, limits, TLS and enhanced status codes."""
+"""The SMTP listener: `core.ServerCore` driven by an asyncio protocol, handlers called per event.
+
+The protocol reads into the core, takes its events and calls the handler's hooks, which
+keep aiosmtpd's calling convention (``handle_MAIL(server, session, envelope, address,
+options)``, ``handle_RCPT(...)``, ``handle_DATA(server, session, envelope)``, each returning
+the reply line). Simple commands never leave the core; a hook runs as a task and input
+waits in the core meanwhile. Replies are written when the core has consumed all it was
+given, so pipelined commands (RFC 2920) get their replies in one write.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import re
-import socket
 import ssl
-import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, AnyStr, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
-import aiosmtpd
-from aiosmtpd import smtp as _aiosmtpd
-from aiosmtpd.smtp import SMTP
-
-from mailfort.smtp.codes import with_enhanced_code
+from mailfort.smtp import core as core_mod
 from mailfort.smtp.conncount import SharedConnectionCounts, TableFull
+from mailfort.smtp.core import DATA_SIZE_LIMIT, CoreConfig, ServerCore
 
-DATA_SIZE_LIMIT = 50 * 1024 * 1024
-# RFC 5321 §4.5.3.1.6 says 1000, but real mail carries longer lines and Postfix takes
-# them; the bound still caps what one line can make the server buffer.
-LINE_LIMIT = 64 * 1024
+__all__ = [
+    "DATA_SIZE_LIMIT",
+    "MAX_PER_IP",
+    "ConnectionTable",
+    "Envelope",
+    "Session",
+    "smtp_factory",
+]
+
 MAX_PER_IP = 20
+IDLE_TIMEOUT = 300.0  # RFC 5321 §4.5.3.2.7: at least 5 minutes between commands
+HANDSHAKE_TIMEOUT = 30.0
+# Pause reading when this much input waits behind a running hook (pipelined commands,
+# message octets); the core holds at most a message otherwise.
+_PAUSE_ABOVE = 1024 * 1024
 
 log = logging.getLogger("mailfort.smtp.server")
-
-# aiosmtpd logs peers' addresses and the envelope at INFO and above: our logs carry neither.
-logging.getLogger("mail.log").disabled = True
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:
@@ -137,489 +144,292 @@ class ConnectionTable:
         return {t for t in transports if not t.is_closing()}
 
 
-# The aiosmtpd release whose SMTP.__init__ _fast_init mirrors; any other takes the slow path.
-_AIOSMTPD_MIRRORED = "1.4.6"
+class Session:
+    """What the handlers see of the connection (aiosmtpd's attribute names)."""
 
-# A plain envelope address in angle brackets: dot-atom local part, dot-atom domain, ASCII.
-# For these, email's get_angle_addr returns the address unchanged; anything else (quoted
-# local parts, source routes, comments, domain literals, UTF-8) goes to aiosmtpd's parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ANGLE_ADDR = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
-    # email's parser drops the white space after ">" (not a comment: those go to it)
-    r"(?:[ \t]+([\x21-\x27\x29-\x7e][\x21-\x7e \t]*)?)?"
-)
+    def __init__(self, peer: Any, ssl_active: bool) -> None:
+        self.peer = peer
+        self.ssl = ssl_active
+        self.host_name: str | None = None
+        self.extended_smtp = False
+        self.authenticated = False
+        self.auth_data: Any = None
 
 
-@dataclass(frozen=True)
-class _MethodTables:
-    """What aiosmtpd's SMTP.__init__ finds by introspection, by attribute name."""
+class Envelope:
+    """One mail transaction; handlers add attributes of their own (``envelope.mailfort``)."""
 
-    auth: tuple[tuple[str, str, bool], ...]  # (mechanism, attribute, on the protocol)
-    hooks: tuple[tuple[str, str], ...]  # (command, handler attribute)
-    smtp: tuple[tuple[str, str], ...]  # (command, protocol attribute)
-    ehlo_hook_ver: str | None
-
-
-def _method_tables(cls: type[SMTP], handler: Any) -> _MethodTables:
-    """The introspection of aiosmtpd 1.4.6 SMTP.__init__, done on names (same order)."""
-    auth: list[tuple[str, str, bool]] = []
-    for obj, is_self in ((cls, True), (handler, False)):
-        for mname, mfunc in inspect.getmembers(obj):
-            if mname.startswith("auth_"):
-                mech = getattr(mfunc, "__auth_mechanism_name__", None)
-                if mech is None:
-                    mech = mname.replace("auth_", "").replace("__", "-")
-                auth.append((mech, mname, is_self))
-    hooks = tuple((m.replace("handle_", ""), m) for m in dir(handler) if m.startswith("handle_"))
-    ehlo_hook_ver = None
-    for name, attr in hooks:
-        if name == "EHLO":
-            params = len(inspect.signature(getattr(handler, attr)).parameters)
-            if params == 4:
-                ehlo_hook_ver = "old"  # SMTP.__init__ warns of it again on the slow path
-            elif params == 5:
-                ehlo_hook_ver = "new"
-            else:
-                raise RuntimeError("Unsupported EHLO Hook")
-    smtp = tuple((m.replace("smtp_", ""), m) for m in dir(cls) if m.startswith("smtp_"))
-    return _MethodTables(tuple(auth), hooks, smtp, ehlo_hook_ver)
+    def __init__(self) -> None:
+        self.mail_from: str | None = None  # "<>" for the null reverse-path
+        self.mail_options: list[str] = []
+        self.smtp_utf8 = False
+        self.rcpt_tos: list[str] = []
+        self.rcpt_options: list[list[str]] = []
+        self.original_content: bytes | None = None
+        self.content: bytes | None = None
 
 
-# Per handler object, then per protocol class: handlers live as long as their listener.
-_TABLES: weakref.WeakKeyDictionary[Any, dict[type[SMTP], _MethodTables]] = (
-    weakref.WeakKeyDictionary()
-)
+class Handler(Protocol):
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str: ...
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str: ...
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str: ...
 
 
-class MailfortSMTP(SMTP):
-    """aiosmtpd with our policies; one instance per connection."""
+Authenticator = Callable[[bytes, bytes], Awaitable[Any]]
 
-    line_length_limit = LINE_LIMIT
+
+class SMTPProtocol(asyncio.Protocol):
+    """One SMTP connection."""
 
     def __init__(
-        self, handler: Any, *, connections: ConnectionTable, max_per_ip: int, **kwargs: Any
+        self,
+        handler: Handler,
+        config: CoreConfig,
+        *,
+        connections: ConnectionTable,
+        max_per_ip: int,
+        tls_context: ssl.SSLContext | None,
+        implicit_tls: bool,
+        timeout: float,
+        authenticate: Authenticator | None,
     ) -> None:
-        if aiosmtpd.__version__ == _AIOSMTPD_MIRRORED and self._fast_init(handler, **kwargs):
-            pass
-        else:
-            super().__init__(handler, **kwargs)
+        self._handler = handler
+        self._config = config
         self._connections = connections
         self._max_per_ip = max_per_ip
+        self._tls_context = tls_context
+        self._implicit_tls = implicit_tls
+        self._timeout = timeout
+        self._authenticate = authenticate
+        self._core = ServerCore(config, tls=implicit_tls)
+        self._transport: asyncio.Transport | None = None
+        self._ip = ""
         self._counted = False
-        self._counted_transport: asyncio.BaseTransport | None = None
-        self._counted_ip = ""
-        self._raw_replies = False
-        self._refused = False
-        self._groupable = False
-        self._hold_all = False  # within a multi-line reply (EHLO): one write at its end
-        self._held: list[bytes] = []  # replies held back while the client pipelines
+        self._busy = False  # a hook or the TLS handshake runs
+        self._eof = False
+        self._write_paused = False
+        self._read_paused = False
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None  # the running hook (held: tasks are weak)
+        self.session: Session | None = None
+        self.envelope = Envelope()
 
-    def _fast_init(
-        self,
-        handler: Any,
-        *,
-        data_size_limit: int | None = _aiosmtpd.DATA_SIZE_DEFAULT,
-        enable_SMTPUTF8: bool = False,
-        decode_data: bool = False,
-        hostname: str | None = None,
-        ident: str | None = None,
-        tls_context: ssl.SSLContext | None = None,
-        require_starttls: bool = False,
-        timeout: float = 300,
-        auth_required: bool = False,
-        auth_require_tls: bool = True,
-        auth_exclude_mechanism: Iterable[str] | None = None,
-        auth_callback: Any = None,
-        command_call_limit: int | dict[str, int] | None = None,
-        authenticator: Any = None,
-        proxy_protocol_timeout: float | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> bool:
-        """aiosmtpd 1.4.6's SMTP.__init__ for our settings, its introspection done once.
-
-        SMTP.__init__ runs inspect.getmembers and dir on the protocol and the handler and
-        inspect.signature on the EHLO hook for every connection (~0.27 ms). The tables come
-        from names only, so they are worked out once per handler and protocol class and
-        bound here. Settings aiosmtpd would warn about or refuse, and handlers it cannot
-        key on, return False: the caller then runs SMTP.__init__ itself.
-        ``tests/test_smtp_perf_safety.py`` checks the result against SMTP.__init__.
-        """
-        if (
-            (
-                tls_context is not None
-                and (
-                    tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}
-                    or tls_context.check_hostname
-                )
-            )
-            or (auth_required and not auth_require_tls)
-            or (proxy_protocol_timeout is not None and proxy_protocol_timeout < 3.0)
-            or (command_call_limit is not None and not isinstance(command_call_limit, int))
-            or not (data_size_limit is None or isinstance(data_size_limit, int))
-        ):
-            return False
-        try:
-            per_handler = _TABLES.get(handler)
-            if per_handler is None:
-                per_handler = _TABLES[handler] = {}
-        except TypeError:  # neither hashable nor weakly referable
-            return False
-        cls = type(self)
-        tables = per_handler.get(cls)
-        if tables is None:
-            tables = per_handler[cls] = _method_tables(cls, handler)
-
-        self.__ident__ = ident or _aiosmtpd.__ident__
-        self.loop = loop if loop else _aiosmtpd.make_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self,
-            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected,
-            loop=self.loop,
-        )
-        self.event_handler = handler
-        self.data_size_limit = data_size_limit
-        self.enable_SMTPUTF8 = enable_SMTPUTF8
-        self._decode_data = decode_data
-        self.command_size_limits.clear()
-        self.hostname = hostname if hostname else socket.getfqdn()
-        self.tls_context = tls_context
-        self.require_starttls = tls_context and require_starttls
-        self._timeout_duration = timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = auth_require_tls
-        if proxy_protocol_timeout is not None and proxy_protocol_timeout <= 0:
-            raise ValueError("proxy_protocol_timeout must be > 0")
-        self._proxy_timeout = proxy_protocol_timeout
-        if authenticator is not None:
-            self._authenticator = authenticator
-            self._auth_callback = None
-        else:
-            self._auth_callback = auth_callback or _aiosmtpd.login_always_fail
-            self._authenticator = None
-        self._auth_required = auth_required
-        self._auth_methods = {
-            mech: _aiosmtpd._AuthMechAttr(getattr(self if own else handler, name), own)
-            for mech, name, own in tables.auth
-        }
-        for m in auth_exclude_mechanism or []:
-            self._auth_methods.pop(m, None)
-        self._handle_hooks = {cmd: getattr(handler, name) for cmd, name in tables.hooks}
-        self._ehlo_hook_ver = tables.ehlo_hook_ver
-        self._smtp_methods = {cmd: getattr(self, name) for cmd, name in tables.smtp}
-        if command_call_limit is None:
-            self._enforce_call_limit = False
-        else:
-            self._enforce_call_limit = True
-            self._call_limit_base = {}
-            self._call_limit_default = command_call_limit
-        return True
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # aiosmtpd's version defines a typing.Protocol class on every call (~0.1 ms) and runs
-        # email's header parser; a plain <local@domain> needs neither, and gives the same
-        # answer (the handlers then check the address with hygiene.valid_mailbox).
-        m = _PLAIN_ANGLE_ADDR.fullmatch(arg.lstrip())
-        if m is None:
-            return super()._getaddr(arg)
-        addr = m.group(1)
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return addr, m.group(2) or ""
+    # ---- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._counted:  # STARTTLS calls this again on the same connection
-            self._counted = True
-            self._counted_transport = transport
-            self._counted_ip = peer_address(transport)
-            if not self._connections.admit(transport, self._max_per_ip, self._counted_ip):
-                self._refused = True
-                # uvloop's transports are not asyncio.WriteTransport subclasses, but write.
-                cast(asyncio.WriteTransport, transport).write(
-                    b"421 4.7.0 Too many connections from your address\r\n"
-                )
-                transport.close()
-                return
-        super().connection_made(transport)
+        self._transport = t = cast(asyncio.Transport, transport)
+        self._ip = peer_address(t)
+        if not self._connections.admit(t, self._max_per_ip, self._ip):
+            self._core.refuse_connection("421 4.7.0 Too many connections from your address")
+            self._flush()
+            t.close()
+            return
+        self._counted = True
+        self.session = Session(t.get_extra_info("peername"), self._implicit_tls)
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        self._timer = loop.call_later(self._timeout, self._check_idle)
+        self._core.greeting()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        core = self._core
+        core.receive(data)
+        if self._busy or self._write_paused:
+            if core.buffered > _PAUSE_ABOVE and not self._read_paused and self._transport:
+                self._read_paused = True
+                self._transport.pause_reading()
+            return
+        self._last = asyncio.get_running_loop().time()
+        self._advance()
+
+    def eof_received(self) -> bool:
+        # The client sends nothing more; answer what it sent, then close (a half-open
+        # socket would otherwise sit in CLOSE-WAIT until the idle timeout).
+        self._eof = True
+        if self._busy:
+            return True  # closed once the running hook has answered
+        self._advance()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
-        if not self._refused:  # a refused connection never started an SMTP session
-            super().connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+        # A running hook is not cancelled: a message being stored is stored (the client,
+        # with no reply, sends it again; that duplicate beats a loss).
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._read_paused and not self._busy and self._transport is not None:
+            self._read_paused = False
+            self._transport.resume_reading()
+        if not self._busy:
+            self._advance()
+
+    # ---- the session ------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Run the core until it needs input or a hook; then write what it said."""
+        core = self._core
+        while not self._write_paused:
+            try:
+                event = core.next_event()
+            except Exception:
+                # A bug of ours must cost this session, not the worker or other sessions.
+                log.exception("SMTP protocol core failed")
+                core.refuse_connection("421 4.3.0 Internal error, closing connection")
+                self._finish()
+                return
+            if event is None:
+                break
+            loop = asyncio.get_running_loop()
+            if isinstance(event, core_mod.Close):
+                self._finish()
+                return
+            self._busy = True
+            if isinstance(event, core_mod.StartTLS):
+                self._flush()
+                self._task = loop.create_task(self._start_tls())
+            else:
+                # Replies so far wait for the hook's: pipelined commands (RFC 2920) get
+                # their replies in one write.
+                self._task = loop.create_task(self._hook(event))
+            return
+        self._flush()
+        if self._eof and not core.waiting and self._transport is not None:
+            self._transport.close()
+
+    def _flush(self) -> None:
+        data = self._core.outgoing()
+        if data and self._transport is not None:
+            self._transport.write(data)
+
+    def _finish(self) -> None:
+        """Write what is queued, then close (after QUIT, a 421, lost framing)."""
+        # Give the per-IP slot back before the client can read the reply: a client that
+        # reconnects at once (one connection per message, as smtp-source and many MTAs do)
+        # may land on another worker, which must not still count this connection.
+        self._release()
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def _hook(
+        self, event: core_mod.MailFrom | core_mod.RcptTo | core_mod.Message | core_mod.Credentials
+    ) -> None:
+        try:
+            if isinstance(event, core_mod.Credentials):
+                ok = await self._check_credentials(event)
+                self._core.auth_result(ok)
+            else:
+                self._core.reply(await self._call(event))
+        except Exception:
+            log.exception("SMTP handler failed")
+            if isinstance(event, core_mod.Credentials):
+                self._core.auth_result(False)
+            else:
+                self._core.reply("451 4.3.0 Internal error, try again later")
+        self._busy = False
+        if self._transport is None:
+            return  # the client went away meanwhile
+        if self._read_paused and not self._write_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        self._last = asyncio.get_running_loop().time()
+        self._advance()
+        if self._eof and not self._core.waiting and self._transport is not None:
+            self._transport.close()
+
+    async def _call(self, event: core_mod.MailFrom | core_mod.RcptTo | core_mod.Message) -> str:
+        handler, session, envelope = self._handler, self.session, self.envelope
+        assert session is not None
+        session.host_name = self._core.helo
+        session.extended_smtp = self._core.extended
+        if isinstance(event, core_mod.MailFrom):
+            envelope = self.envelope = Envelope()
+            envelope.smtp_utf8 = event.smtputf8
+            address = event.address or "<>"  # aiosmtpd's form of the null path
+            return await handler.handle_MAIL(self, session, envelope, address, list(event.options))
+        if isinstance(event, core_mod.RcptTo):
+            options = list(event.options)
+            reply = await handler.handle_RCPT(self, session, envelope, event.address, options)
+            if reply.startswith("2"):
+                envelope.rcpt_options.append(options)
+            return reply
+        envelope.original_content = envelope.content = event.content
+        try:
+            return await handler.handle_DATA(self, session, envelope)
+        finally:
+            self.envelope = Envelope()
+
+    async def _check_credentials(self, event: core_mod.Credentials) -> bool:
+        if self._authenticate is None or self.session is None:
+            return False
+        user = await self._authenticate(event.login, event.password)
+        if user is None:
+            return False
+        self.session.authenticated = True
+        self.session.auth_data = user
+        return True
+
+    async def _start_tls(self) -> None:
+        transport, context = self._transport, self._tls_context
+        assert transport is not None and context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except Exception:
+            # A failed handshake (old protocol, not TLS at all, client gone): end it now.
+            # Our connection_lost may not run (the TLS layer held the transport).
+            transport.abort()
+            self._release()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._transport = None
+            return
+        if tls is None:  # the connection closed during the handshake
+            return
+        self._transport = tls
+        assert self.session is not None
+        self.session.ssl = True
+        self.session.host_name = None
+        self.envelope = Envelope()
+        self._core.tls_established()
+        self._busy = False
+        self._last = loop.time()
+        self._advance()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._last + self._timeout - loop.time()
+        if left > 0 or self._busy:
+            self._timer = loop.call_later(max(left, 1.0), self._check_idle)
+            return
+        self._core.timed_out()
+        self._finish()
 
     def _release(self) -> None:
-        if self._counted_transport is not None:
-            self._connections.release(self._counted_transport, self._counted_ip)
-            self._counted_transport = None
-
-    def eof_received(self) -> bool:
-        # aiosmtpd stops the session at EOF but keeps a plain socket half-open (CLOSE-WAIT)
-        # until the idle timeout; SMTP has nothing to send to a client that stopped talking.
-        super().eof_received()
-        return False
-
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        try:
-            await super().smtp_STARTTLS(arg)
-        except Exception:
-            # A failed handshake (old protocol, client gone) leaves aiosmtpd reading from a
-            # dead TLS layer until the idle timeout; end the connection now instead.
-            if self._original_transport is not None:
-                cast(asyncio.Transport, self._original_transport).abort()
-            self._release()  # our connection_lost will not run: the TLS layer holds it
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
-            if self._handler_coroutine is not None:
-                self._handler_coroutine.cancel()
-
-    async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str) and not self._raw_replies:
-            status = with_enhanced_code(status)
-        if isinstance(status, str):
-            response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
-        else:
-            response = status
-        if response.startswith(b"421"):
-            # RFC 5321 §3.8: 421 means the server is closing the channel; a handler's 421
-            # (a failed webhook target, a domain rule) must not leave the session open.
-            self._held.append(response + b"\r\n")
-            data = b"".join(self._held)
-            self._held.clear()
-            await self._send(data)
-            if self.transport is not None:
-                self.transport.close()  # after the buffered reply is written
-            return
-        if self._hold_all or (self._groupable and self._command_waiting()):
-            # RFC 2920: the client pipelined; it reads this reply with the next ones.
-            self._held.append(response + b"\r\n")
-            return
-        if self._held:
-            self._held.append(response + b"\r\n")
-            data = b"".join(self._held)
-            self._held.clear()
-        else:
-            data = response + b"\r\n"
-        await self._send(data)
-
-    async def _flush(self) -> None:
-        if self._held and self.transport is not None:
-            data = b"".join(self._held)
-            self._held.clear()
-            await self._send(data)
-
-    async def _send(self, data: bytes) -> None:
-        """StreamWriter.write + drain, without the drain when it would return at once.
-
-        drain() raises the reader's error, yields once when the transport is closing, and
-        waits while the transport is paused (buffer above the high-water mark) or raises
-        when the connection is lost. When none of that applies it returns immediately,
-        and its two coroutine calls per reply are all it costs; skip them then.
-        """
-        writer = self._writer
-        writer.write(data)
-        if (
-            # asyncio.FlowControlMixin's own flags, the ones drain() reads (not in typeshed)
-            self._paused  # type: ignore[attr-defined]
-            or self._connection_lost  # type: ignore[attr-defined]
-            or writer.transport.is_closing()
-            or self._reader.exception() is not None
-        ):
-            await writer.drain()
-
-    def _command_waiting(self) -> bool:
-        """Whether a whole command line from the client is buffered, unread, already."""
-        buffer = getattr(self._reader, "_buffer", None)
-        return isinstance(buffer, bytearray) and b"\n" in buffer
-
-    async def _grouped(self, method: Any, arg: str | None) -> None:
-        # Only replies to MAIL, RCPT and RSET may wait for the next command's (RFC 2920
-        # §3.1 lets a client pipeline these); anything else sends what waits with its own.
-        self._groupable = True
-        try:
-            await method(arg)
-        finally:
-            self._groupable = False
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        await self._grouped(super().smtp_MAIL, arg)
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        await self._grouped(super().smtp_RCPT, arg)
-
-    async def smtp_RSET(self, arg: str) -> None:
-        await self._grouped(super().smtp_RSET, arg)
-
-    async def smtp_QUIT(self, arg: str) -> None:
-        if not arg:
-            # The session ends with this reply. Give the slot back before the client can
-            # read it: a client that reconnects at once (one connection per message, as
-            # smtp-source and many MTAs do) may land on another worker, which must not
-            # still count the old connection against the node-wide cap.
-            self._release()
-        await super().smtp_QUIT(arg)
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        # EHLO keywords must stay bare (RFC 2034 §3): no enhanced codes in this reply.
-        self._raw_replies = True
-        self._hold_all = True  # aiosmtpd pushes each line of the reply on its own
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._raw_replies = False
-            self._hold_all = False
-        await self._flush()
-
-    async def smtp_HELO(self, hostname: str) -> None:
-        self._raw_replies = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._raw_replies = False
-
-
-# HELP reads the syntax aiosmtpd's decorator put on its methods: keep it on our wrappers.
-for _name in ("smtp_MAIL", "smtp_RCPT", "smtp_RSET", "smtp_QUIT"):
-    for _attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
-        if hasattr(getattr(SMTP, _name), _attr):
-            setattr(getattr(MailfortSMTP, _name), _attr, getattr(getattr(SMTP, _name), _attr))
-
-
-_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?:[ \t]+(LAST))?[ \t]*", re.IGNORECASE)
-_BDAT_SIZE_ONLY = re.compile(r"([0-9]{1,18})(?:[ \t].*)?")
-_DISCARD_PIECE = 64 * 1024
-
-
-@dataclass
-class _Chunks:
-    """BDAT chunks of the current transaction (RFC 3030), kept on the envelope."""
-
-    parts: list[bytes]
-    size: int = 0
-    refusal: str | None = None  # once set, later chunks are read and dropped
-
-
-class MXSMTP(MailfortSMTP):
-    """The port-25 protocol: MailfortSMTP plus CHUNKING (RFC 3030 BDAT).
-
-    Only here: aiosmtpd refuses some commands before they reach their method (before
-    STARTTLS when it is required, before AUTH when that is required), and a BDAT refused
-    there would leave its octets to be read as commands. The MX requires neither.
-    """
-
-    offers_chunking = True
-
-    @_aiosmtpd.syntax("BDAT <size> [LAST]")
-    async def smtp_BDAT(self, arg: str) -> None:
-        # RFC 3030 §2: the octets follow the command at once, whatever the reply will be;
-        # they are always read (or skipped) in full so that they are never taken for
-        # commands. Without a size there is no telling where they end: close.
-        m = _BDAT_ARGS.fullmatch(arg or "")
-        if m is None:
-            sized = _BDAT_SIZE_ONLY.fullmatch(arg or "")
-            if sized is None:
-                await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]; closing")
-                self._close_now()
-                return
-            await self._skip(int(sized.group(1)))
-            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
-            return
-        size, last = int(m.group(1)), m.group(2) is not None
-        assert self.session is not None and self.envelope is not None
-        refusal = None
-        if not self.session.host_name:
-            refusal = "503 5.5.1 Error: send HELO first"
-        elif self._auth_required and not self.session.authenticated:
-            refusal = "530 5.7.0 Authentication required"
-        elif not self.envelope.rcpt_tos:
-            refusal = "503 5.5.1 Error: need RCPT command"
-        if refusal is not None:
-            await self._skip(size)
-            await self.push(refusal)
-            return
-        chunks: _Chunks | None = getattr(self.envelope, "mailfort_chunks", None)
-        if chunks is None:
-            chunks = _Chunks([])
-            setattr(self.envelope, "mailfort_chunks", chunks)  # noqa: B010  # Envelope has no slot
-        limit = self.data_size_limit
-        if chunks.refusal is None and limit and chunks.size + size > limit:
-            # SIZE (RFC 1870 §6): refuse, and drop what came so far rather than hold it.
-            chunks.refusal = "552 5.3.4 Message size exceeds fixed maximum message size"
-            chunks.parts.clear()
-        if chunks.refusal is not None:
-            await self._skip(size)
-        else:
-            try:
-                chunks.parts.append(await self._reader.readexactly(size))
-            except asyncio.IncompleteReadError:
-                return  # the client went away mid-chunk; connection_lost cleans up
-        chunks.size += size
-        if not last:
-            await self.push(chunks.refusal or f"250 2.0.0 {size} octets received")
-            return
-        if chunks.refusal is not None:
-            self._set_post_data_state()  # type: ignore[no-untyped-call]  # LAST ends it
-            await self.push(chunks.refusal)
-            return
-        content = b"".join(chunks.parts)
-        chunks.parts.clear()
-        self.envelope.original_content = content
-        self.envelope.content = (
-            content.decode("utf-8", errors="surrogateescape") if self._decode_data else content
-        )
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is _aiosmtpd.MISSING else status)
-
-    async def smtp_DATA(self, arg: str) -> None:
-        if self.envelope is not None and getattr(self.envelope, "mailfort_chunks", None):
-            # RFC 3030 §2: DATA and BDAT do not mix within one transaction.
-            await self.push("503 5.5.1 Error: DATA after BDAT; send RSET")
-            return
-        await super().smtp_DATA(arg)
-
-    async def _skip(self, size: int) -> None:
-        """Read and drop ``size`` octets, a piece at a time (none of it is kept)."""
-        try:
-            while size > 0:
-                piece = min(size, _DISCARD_PIECE)
-                await self._reader.readexactly(piece)
-                size -= piece
-        except asyncio.IncompleteReadError:
-            return
-
-    def _close_now(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.cancel()
-
-
-# HELP reads the syntax aiosmtpd's decorator put on its methods: keep it on our wrapper.
-for _attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
-    if hasattr(SMTP.smtp_DATA, _attr):
-        setattr(MXSMTP.smtp_DATA, _attr, getattr(SMTP.smtp_DATA, _attr))
-
-
-class EhloExtensions:
-    """Mixin for handlers: advertise what the server does beyond aiosmtpd's list."""
-
-    async def handle_EHLO(
-        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname
-        # aiosmtpd reads pipelined commands in order already; it just does not say so.
-        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
-        if getattr(server, "offers_chunking", False):
-            extra.append("250-CHUNKING")  # RFC 3030
-        return [responses[0], *extra, *responses[1:]]
+        if self._counted and self._transport is not None:
+            self._connections.release(self._transport, self._ip)
+        self._counted = False
 
 
 def smtp_factory(
@@ -629,31 +439,43 @@ def smtp_factory(
     *,
     implicit_tls: bool = False,
     require_starttls: bool = False,
-    timeout: float = 300,
+    auth_required: bool = False,
+    auth_require_tls: bool = True,
+    chunking: bool = False,
+    timeout: float = IDLE_TIMEOUT,
     max_per_ip: int = MAX_PER_IP,
-    protocol: type[MailfortSMTP] = MailfortSMTP,
+    size_limit: int = DATA_SIZE_LIMIT,
     connections: ConnectionTable | None = None,
-    **kwargs: Any,
-) -> Any:
+    protocol: type[SMTPProtocol] = SMTPProtocol,
+) -> Callable[[], SMTPProtocol]:
     """A protocol factory for ``loop.create_server``; ``connections`` defaults to a table
-    of this listener's own (per process)."""
+    of this listener's own (per process). AUTH PLAIN and LOGIN are offered when the
+    handler has ``authenticate(login, password)`` (returning the user or None)."""
     if connections is None:
         connections = ConnectionTable()
+    authenticate = getattr(handler, "authenticate", None)
+    config = CoreConfig(
+        hostname=hostname,
+        size_limit=size_limit,
+        tls_available=tls_context is not None and not implicit_tls,
+        require_tls=require_starttls and tls_context is not None and not implicit_tls,
+        auth_mechanisms=("PLAIN", "LOGIN") if authenticate is not None else (),
+        auth_required=auth_required,
+        auth_requires_tls=auth_require_tls,
+        chunking=chunking,
+    )
+    table = connections
 
-    def make() -> MailfortSMTP:
+    def make() -> SMTPProtocol:
         return protocol(
             handler,
-            connections=connections,
+            config,
+            connections=table,
             max_per_ip=max_per_ip,
-            hostname=hostname,
-            ident="ESMTP",
-            data_size_limit=DATA_SIZE_LIMIT,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            tls_context=None if implicit_tls else tls_context,
-            require_starttls=require_starttls,
+            tls_context=tls_context,
+            implicit_tls=implicit_tls,
             timeout=timeout,
-            **kwargs,
+            authenticate=authenticate,
         )
 
     return make

@@ -11,12 +11,9 @@ import asyncio
 import email.utils
 import logging
 import os
-from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from aiosmtpd.smtp import MISSING, AuthResult
 
 from mailfort.auth.dkimsign import sign
 from mailfort.delivery import recipient
@@ -33,7 +30,6 @@ from mailfort.mail.parser import Envelope, apply_envelope_header, iter_headers
 from mailfort.outbound.queue import Queue
 from mailfort.smtp import hygiene
 from mailfort.smtp.limits import SendingLimits
-from mailfort.smtp.server import EhloExtensions, MailfortSMTP
 from mailfort.store.service import MailStore
 
 log = logging.getLogger("mailfort.smtp.submission")
@@ -48,56 +44,9 @@ class _Session:
     remote: list[str]
 
 
-class SubmissionSMTP(MailfortSMTP):
-    """aiosmtpd's PLAIN and LOGIN, with the credential check off the event loop.
+class SubmissionHandler:
+    """Handler hooks for 587 and 465; ``authenticate`` makes the server offer AUTH."""
 
-    aiosmtpd calls its authenticator synchronously; an account password costs an Argon2id
-    run (~100 ms), which must not stall every other session of the worker.
-    """
-
-    async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
-        handler: SubmissionHandler = self.event_handler
-        user = await handler.authenticate(login, password)
-        if user is None:
-            return AuthResult(success=False, handled=False)
-        return AuthResult(success=True, auth_data=user)
-
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False)
-        else:
-            try:
-                blob = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
-        try:
-            _authz, login, password = bytes(blob).split(b"\x00")  # RFC 4616 §2
-        except ValueError:
-            await self.push("501 5.5.2 Can't split auth value")
-            return AuthResult(success=False, handled=True)
-        return await self._check("PLAIN", login, password)
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False)
-        else:
-            try:
-                login = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False)
-        return await self._check("LOGIN", bytes(login), bytes(password))
-
-
-class SubmissionHandler(EhloExtensions):
     def __init__(
         self,
         directory: Directory,
