@@ -541,11 +541,13 @@ def stop_spy(spy: Proc) -> None:
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 # Where a stack's samples go: the innermost frame that matches (file fragment, function
-# prefix) names its stage. Order does not matter; the innermost match wins.
+# prefix) names its stage. The innermost matching frame wins; within a frame, the first entry that matches.
 STAGES: list[tuple[str, str, str]] = [
-    ("/aiosmtpd/", "", "SMTP protocol (aiosmtpd)"),
-    ("mailfort/smtp/", "", "SMTP handler (mailfort.smtp)"),
-    ("asyncio/streams.py", "StreamWriter.write", "reply writes (send on loopback)"),
+    ("mailfort/smtp/core.py", "", "SMTP protocol core (mailfort.smtp.core)"),
+    # uvloop's write() sends at once: with --gil the syscall's samples include the time the
+    # worker is preempted by the client it woke, so this is wall time more than CPU.
+    ("mailfort/smtp/server.py", "SMTPProtocol._flush", "reply writes (send on loopback)"),
+    ("mailfort/smtp/", "", "SMTP server and handler (mailfort.smtp)"),
     ("mailfort/directory/", "Directory.route", "RCPT: directory lookup"),
     ("/sqlalchemy/", "", "RCPT: directory lookup (SQLAlchemy)"),
     ("mailfort/auth/spf.py", "", "SPF"),
@@ -591,9 +593,9 @@ def _short(func: str, file: str) -> str:
 # frames show only while they run on the event loop; work they hand to threads is listed
 # under its own entry (SPF, sync DNS, thread pool).
 KEY_FUNCTIONS: list[tuple[str, str]] = [
-    ("aiosmtpd: per-connection SMTP.__init__ (inspect.getmembers)", r"^SMTP\.__init__ "),
-    ("aiosmtpd: MAIL/RCPT address parsing (SMTP._getaddr)", r"^SMTP\._getaddr "),
-    ("replies: MailfortSMTP.push -> transport.write", r"^MailfortSMTP\.push "),
+    ("SMTP: ServerCore.next_event (framing, commands)", r"^ServerCore\.next_event "),
+    ("SMTP: SMTPProtocol.connection_made (per-IP cap, banner)", r"^SMTPProtocol\.connection_made "),
+    ("replies: SMTPProtocol._flush -> transport.write", r"^SMTPProtocol\._flush "),
     ("RCPT: Directory.route (SQLAlchemy, in a thread)", r"^Directory\.route "),
     ("DATA: InboundHandler.handle_DATA (event-loop side)", r"^InboundHandler\.handle_DATA "),
     ("  auth.authenticate (event-loop side)", r"^authenticate "),

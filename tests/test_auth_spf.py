@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import yaml
 from mailfort.auth import spf
 from mailfort.auth.spf import DEFAULT_EXPLANATIONS, check_spf
 from mailfort.dns import Nameserver, NotCached, Resolver
+
+from dnsserver import DNSServer
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 SUITE = CORPORA / "spf" / "rfc7208-tests.yml"
@@ -167,3 +170,26 @@ async def test_cache_only_answers_match_the_resolver(dns_server: Any) -> None:
     uncached = Resolver([Nameserver(dns_server.server.host, dns_server.port)], 1.0)
     with pytest.raises(NotCached):
         uncached.query_cached("sender.test", "TXT")
+
+
+async def test_repeated_checks_follow_a_policy_change_once_its_ttl_ends() -> None:
+    """Checks of one sender through one server are remembered, but only as long as the DNS
+    answers they used: a domain that tightens its policy is obeyed when its TTL ends."""
+    server = DNSServer(ttl=1)
+    try:
+        server.set_zone({"sender.test": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")]})
+        resolver = Resolver([Nameserver(server.host, server.port)], 1.0, cache=True)
+        first = await check_spf(resolver, "192.0.2.9", "a@sender.test", "mta.sender.test")
+        assert first.result == "pass"
+        asked = len(server.queries)
+        again = await check_spf(resolver, "192.0.2.9", "a@sender.test", "mta.sender.test")
+        assert again == first and len(server.queries) == asked  # answered from the cache
+        # Another sender address or client is its own check, with the same records.
+        other = await check_spf(resolver, "198.51.100.1", "a@sender.test", "mta.sender.test")
+        assert other.result == "fail"
+        server.set_zone({"sender.test": [("TXT", "v=spf1 -all")]})
+        await asyncio.sleep(1.2)  # the 1 s TTL of the first answer ends
+        later = await check_spf(resolver, "192.0.2.9", "a@sender.test", "mta.sender.test")
+        assert later.result == "fail"
+    finally:
+        server.close()

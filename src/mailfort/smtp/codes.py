@@ -1,8 +1,7 @@
 """Enhanced status codes (RFC 3463) on every reply, as RFC 2034 requires once advertised.
 
-aiosmtpd's own replies carry none; rather than re-implement its commands, the server passes
-each reply through ``with_enhanced_code``, which adds the generic code for the reply class
-when the text does not already carry one.
+The core's own replies carry theirs; a handler's reply without one gets the generic code
+for its reply class from ``with_enhanced_code``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import re
 
 _HAS_CODE = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:[ -]|$)")
 
-# RFC 3463 §3.5 (protocol) and §3.7 (security) codes for replies aiosmtpd writes itself.
+# RFC 3463 §3.5 (protocol) and §3.7 (security) codes by reply code.
 _DEFAULTS = {
     "221": "2.0.0",
     "235": "2.7.0",

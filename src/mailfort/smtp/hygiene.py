@@ -1,7 +1,7 @@
 """Checks on received message bytes, free of I/O.
 
 SMTP smuggling (2023) abuses servers that disagree on where DATA ends: a bare LF or CR
-before the final dot. aiosmtpd ends DATA only at CRLF.CRLF, so nothing is split here, but
+before the final dot. Our core ends DATA only at CRLF.CRLF, so nothing is split here, but
 a message carrying bare line ends could be split by the next hop when forwarded. Like
 Postfix 3.9 (`smtpd_forbid_bare_newline`), we refuse such content outright.
 """
@@ -23,7 +23,7 @@ _MAILBOX = re.compile(rf"^(?:{_DOT_ATOM}|{_QUOTED})@{_DOMAIN}$")
 
 
 def valid_mailbox(address: str) -> bool:
-    """Syntax check of an envelope address (aiosmtpd hands over what sat between <>)."""
+    """Syntax check of an envelope address (the core hands over what sat between <>)."""
     return len(address) <= 320 and _MAILBOX.match(address) is not None
 
 

@@ -210,8 +210,11 @@ class SMTPProtocol(asyncio.Protocol):
         self._core = ServerCore(config, tls=implicit_tls)
         self._transport: asyncio.Transport | None = None
         self._ip = ""
-        self._counted = False
+        # The transport the per-IP table counts: the TCP one, also after STARTTLS.
+        self._counted: asyncio.BaseTransport | None = None
         self._busy = False  # a hook or the TLS handshake runs
+        self._handshaking = False
+        self._early: list[bytes] = []  # TLS data that came before start_tls() returned
         self._eof = False
         self._write_paused = False
         self._read_paused = False
@@ -231,7 +234,7 @@ class SMTPProtocol(asyncio.Protocol):
             self._flush()
             t.close()
             return
-        self._counted = True
+        self._counted = t
         self.session = Session(t.get_extra_info("peername"), self._implicit_tls)
         loop = asyncio.get_running_loop()
         self._last = loop.time()
@@ -240,6 +243,11 @@ class SMTPProtocol(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._handshaking:
+            # Reading from the plain socket stopped at STARTTLS, so this came over TLS,
+            # before start_tls() returned to us: the core gets it once it knows.
+            self._early.append(data)
+            return
         core = self._core
         core.receive(data)
         if self._busy or self._write_paused:
@@ -302,6 +310,11 @@ class SMTPProtocol(asyncio.Protocol):
             self._busy = True
             if isinstance(event, core_mod.StartTLS):
                 self._flush()
+                # Nothing more from the plain socket: what the client pipelined behind
+                # STARTTLS is dropped by the core, and what arrives from here on is TLS.
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                self._handshaking = True
                 self._task = loop.create_task(self._start_tls())
             else:
                 # Replies so far wait for the hook's: pipelined commands (RFC 2920) get
@@ -410,6 +423,10 @@ class SMTPProtocol(asyncio.Protocol):
         self.session.host_name = None
         self.envelope = Envelope()
         self._core.tls_established()
+        self._handshaking = False
+        for data in self._early:
+            self._core.receive(data)
+        self._early.clear()
         self._busy = False
         self._last = loop.time()
         self._advance()
@@ -427,9 +444,9 @@ class SMTPProtocol(asyncio.Protocol):
         self._finish()
 
     def _release(self) -> None:
-        if self._counted and self._transport is not None:
-            self._connections.release(self._transport, self._ip)
-        self._counted = False
+        if self._counted is not None:
+            self._connections.release(self._counted, self._ip)
+        self._counted = None
 
 
 def smtp_factory(

@@ -1,0 +1,171 @@
+"""The asyncio side of the SMTP server (`mailfort.smtp.server`), over real sockets.
+
+The protocol core has its own byte-level tests (test_smtp_core.py); these check what the
+thin server around it adds: TLS upgrades on a live connection, handlers that fail or
+close, back-pressure while a hook runs, and the idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailfort.smtp.server import smtp_factory
+from mailfort.tls import ensure_self_signed, server_context
+
+
+@dataclass
+class _Handler:
+    """Accepts everything; records messages; behaviour per recipient local part."""
+
+    messages: list[bytes] = field(default_factory=list)
+    gate: asyncio.Event | None = None  # RCPT waits on it when set
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.startswith("boom@"):
+            raise RuntimeError("a handler bug")
+        if address.startswith("bye@"):
+            return "421 4.3.2 Shutting down"
+        if self.gate is not None:
+            await self.gate.wait()
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(envelope.original_content)
+        return "250 2.6.0 accepted"
+
+
+@dataclass
+class _Server:
+    port: int
+    handler: _Handler
+    client_tls: ssl.SSLContext
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[_Server]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_self_signed(cert, key, "mx.test")
+    handler = _Handler()
+    factory = smtp_factory(handler, "mx.test", server_context(cert, key), timeout=1.0)
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    client_tls.check_hostname = False
+    try:
+        yield _Server(srv.sockets[0].getsockname()[1], handler, client_tls)
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole reply (the last line of a multi-line one)."""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        if not line or line[3:4] != b"-":
+            return line
+
+
+async def _open(srv: _Server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    assert (await _reply(reader)).startswith(b"220 mx.test")
+    return reader, writer
+
+
+async def test_commands_pipelined_after_starttls_are_not_run(server: _Server) -> None:
+    """CVE-2011-0411: plaintext sent behind STARTTLS must not count as sent over TLS."""
+    reader, writer = await _open(server)
+    writer.write(b"EHLO c.test\r\n")
+    assert (await _reply(reader)).startswith(b"250 ")
+    writer.write(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+    assert (await _reply(reader)).startswith(b"220 2.0.0")
+    await writer.start_tls(server.client_tls)
+    writer.write(b"MAIL FROM:<a@b.test>\r\n")
+    # Had the injected MAIL run, this would be a nested MAIL; the session started over,
+    # so it is refused for want of EHLO instead.
+    assert (await _reply(reader)).startswith(b"503 5.5.1 Error: send HELO first")
+    writer.write(b"EHLO c.test\r\n")
+    ehlo = b""
+    while not ehlo.startswith(b"250 "):
+        ehlo = await _reply(reader)
+    writer.write(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@mx.test>\r\nDATA\r\n")
+    assert (await _reply(reader)).startswith(b"250")
+    assert (await _reply(reader)).startswith(b"250")
+    assert (await _reply(reader)).startswith(b"354")
+    writer.write(b"Subject: over TLS\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    assert (await _reply(reader)).startswith(b"250 2.6.0")
+    assert (await _reply(reader)).startswith(b"221")
+    writer.close()
+    assert server.handler.messages == [b"Subject: over TLS\r\n\r\nhi\r\n"]
+
+
+async def test_a_failing_handler_costs_the_command_not_the_session(server: _Server) -> None:
+    reader, writer = await _open(server)
+    writer.write(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<boom@mx.test>\r\n")
+    while not (await _reply(reader)).startswith(b"250 "):
+        pass  # EHLO's lines
+    assert (await _reply(reader)).startswith(b"250")  # MAIL
+    assert (await _reply(reader)).startswith(b"451 4.3.0")
+    writer.write(b"RCPT TO:<x@mx.test>\r\nNOOP\r\n")
+    assert (await _reply(reader)).startswith(b"250")
+    assert (await _reply(reader)).startswith(b"250")
+    writer.close()
+
+
+async def test_a_421_from_a_handler_closes_the_connection(server: _Server) -> None:
+    reader, writer = await _open(server)
+    writer.write(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<bye@mx.test>\r\nNOOP\r\n")
+    assert (await _reply(reader)).startswith(b"250")
+    assert (await _reply(reader)).startswith(b"250")
+    assert (await _reply(reader)).startswith(b"421 4.3.2")
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed; NOOP never answered
+    writer.close()
+
+
+async def test_input_behind_a_slow_hook_is_held_back_then_answered_in_order(
+    server: _Server,
+) -> None:
+    """A client that keeps sending while a RCPT lookup waits is paused (TCP back-pressure),
+    not buffered without bound; once the hook answers, everything is answered in order."""
+    server.handler.gate = asyncio.Event()
+    reader, writer = await _open(server)
+    noops = 200_000  # 1.2 MB of pipelined NOOPs behind the waiting RCPT
+    writer.write(b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@mx.test>\r\n")
+    writer.write(b"NOOP\r\n" * noops)
+    drained = asyncio.ensure_future(writer.drain())
+    await asyncio.sleep(0.5)
+    server.handler.gate.set()
+    codes = []
+    while len(codes) < 3 + noops:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        assert line, f"closed after {len(codes)} replies"
+        codes.append(line[:3])
+    await drained
+    assert codes[:3] == [b"250", b"250", b"250"]
+    assert set(codes[3:]) == {b"250"}
+    writer.close()
+
+
+async def test_an_idle_client_is_told_and_disconnected(server: _Server) -> None:
+    reader, writer = await _open(server)
+    writer.write(b"HELO c.test\r\n")
+    assert (await _reply(reader)).startswith(b"250")
+    # The server's idle timeout is 1 s here (300 s in service).
+    assert (await _reply(reader)).startswith(b"421 4.4.2")
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
