@@ -177,3 +177,23 @@ def test_migrations_are_versioned_and_idempotent(directory: Directory) -> None:
         conn.execute(schema.schema_version.update().values(version=schema.LATEST + 1))
     with pytest.raises(RuntimeError, match="newer"):
         schema.migrate(directory.engine)
+
+
+def test_postmaster_reaches_the_domains_first_account_unless_named(directory: Directory) -> None:
+    """RFC 5321 §4.5.1: every hosted domain has a postmaster (our DMARC and TLS-RPT
+    records send reports there), even when nobody created that address."""
+    directory.add_domain("example.test")
+    directory.add_domain("empty.test")
+    first = directory.add_user("alice@example.test").user
+    directory.add_user("bob@example.test")
+    route = directory.route("PostMaster@example.test")
+    assert route.kind is RouteKind.LOCAL and [u.mailbox_id for u in route.users] == [
+        first.mailbox_id
+    ]
+    assert directory.route("postmaster+dmarc@example.test").tag == "dmarc"
+    assert directory.route("hostmaster@example.test").kind is RouteKind.UNKNOWN_USER
+    assert directory.route("postmaster@empty.test").kind is RouteKind.UNKNOWN_USER
+    # A postmaster the operator set up wins.
+    directory.add_alias("postmaster@example.test", ["bob@example.test"])
+    route = directory.route("postmaster@example.test")
+    assert [str(u.address) for u in route.users] == ["bob@example.test"]

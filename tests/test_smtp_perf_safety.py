@@ -266,3 +266,16 @@ def test_ehlo_reply_in_one_write(env: tuple[_Server, Directory, str]) -> None:
         sock.sendall(b"EHLO again.test\r\nNOOP\r\n")
         replies, _ = _read_replies(sock, len(lines) + 1)
         assert replies[-1].startswith(b"250")
+
+
+def test_postmaster_is_accepted_with_or_without_a_domain(
+    env: tuple[_Server, Directory, str],
+) -> None:
+    """RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" is this host's postmaster (our host name is
+    mx.example.test, example.test is hosted); postmaster@ a hosted domain always exists."""
+    srv, _directory, _url = env
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as client:
+        client.ehlo("client.test")
+        assert srv.rcpt(client, "Postmaster") == 250
+        assert srv.rcpt(client, "postmaster@example.test") == 250
+        assert srv.rcpt(client, "nobody@example.test") == 550

@@ -46,6 +46,9 @@ from mailfort.keys.slots import (
 MAX_ALIAS_TARGETS = 10
 
 
+POSTMASTER = "postmaster"  # RFC 5321 §4.5.1, case-insensitive
+
+
 class DirectoryError(Exception):
     """A refused directory change; the message is one clear line for the operator."""
 
@@ -592,7 +595,8 @@ class Directory:
         return address_owned(self.sendable_addresses(user), address)
 
     def route(self, address: str) -> Route:
-        """Where mail for ``address`` goes: exact user, plus-tag, exact alias, then catch-all."""
+        """Where mail for ``address`` goes: exact user, plus-tag, exact alias, then catch-all;
+        postmaster, when none of those, to the domain's first account."""
         local, _, domain = address.strip().rpartition("@")
         try:
             domain = normalise_domain(domain)
@@ -612,6 +616,18 @@ class Directory:
                 alias_id = self._alias_id(conn, domain_id, candidate)
                 if alias_id is not None:
                     return self._alias_route(conn, alias_id, tag)
+            if base == POSTMASTER:
+                # RFC 5321 §4.5.1: every domain we accept mail for has a postmaster, and the
+                # DMARC and TLS-RPT records we publish send reports there. Without a user or
+                # alias of that name, it is the domain's first account.
+                row = conn.execute(
+                    self._user_query()
+                    .where(t.users.c.domain_id == domain_id)
+                    .order_by(t.users.c.id)
+                    .limit(1)
+                ).first()
+                if row is not None:
+                    return Route(RouteKind.LOCAL, users=(self._user(row),), tag=tag)
             dns_rules = conn.execute(
                 sa.select(t.domain_forwarding.c.dns_rules).where(
                     t.domain_forwarding.c.domain_id == domain_id

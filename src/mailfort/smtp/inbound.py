@@ -21,7 +21,7 @@ from typing import Any
 from mailfort.auth import authenticate
 from mailfort.delivery import QUOTA_SMTP_CODE, QUOTA_STATUS, QUOTA_TEXT, recipient
 from mailfort.directory.lookups import RouteCache
-from mailfort.directory.service import Directory, Route, RouteKind, User
+from mailfort.directory.service import POSTMASTER, Directory, Route, RouteKind, User
 from mailfort.dns import Resolver, TemporaryDNSError
 from mailfort.outbound import dsn
 from mailfort.relay import fwdtxt
@@ -98,6 +98,16 @@ class InboundHandler:
     async def _route(self, address: str) -> Route:
         return await self._routes.route(address)
 
+    async def _host_postmaster(self) -> str | None:
+        """postmaster@ the nearest hosted domain of our host name (mx.example.com ->
+        example.com), or None when we host none of them."""
+        labels = self.policy.hostname.lower().rstrip(".").split(".")
+        for i in range(len(labels) - 1):
+            candidate = f"{POSTMASTER}@{'.'.join(labels[i:])}"
+            if (await self._route(candidate)).kind is not RouteKind.NOT_HOSTED:
+                return candidate
+        return None
+
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
@@ -112,12 +122,16 @@ class InboundHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        refusal = hygiene.rcpt_refusal(
-            address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
-        )
-        if refusal:
-            return refusal
         try:
+            if address.lower() == POSTMASTER:
+                # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain must be
+                # accepted: it is this host's postmaster.
+                address = await self._host_postmaster() or address
+            refusal = hygiene.rcpt_refusal(
+                address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
+            )
+            if refusal:
+                return refusal
             route = await self._route(address)
         except Exception:
             log.exception("directory lookup failed")
