@@ -160,3 +160,15 @@ def test_signed_header_data_matches_dkimpy(
     fields = dc.ALGORITHMS[algorithm].canonicalize_headers(headers)
     names = [n.lower() for n, _ in fields]
     _compare_hash(algorithm, list(fields), names, include, (b"DKIM-Signature", sig_value))
+
+
+@SETTINGS
+@given(_RAW)
+@example(b"")
+@example(b"\n")
+@example(b"a\n")
+@example(b"a\r\r\n\n")
+@example(b"a\n\r\nb\n\nc")
+def test_blank_line_search_matches_the_regex(raw: bytes) -> None:
+    m = canon._BLANK_LINE.search(raw)
+    assert canon.blank_line(raw) == (None if m is None else m.span())

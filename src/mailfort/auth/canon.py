@@ -40,6 +40,35 @@ _BTAG = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
 Header = tuple[bytes, bytes]
 
 
+def first_blank_lf(message: bytes) -> int:
+    """Index of the first LF that a blank line follows (``\n\r?\n``), or -1."""
+    crlf = message.find(b"\n\r\n")
+    lf = message.find(b"\n\n", 0, crlf + 1 if crlf >= 0 else len(message))
+    return lf if lf >= 0 else crlf
+
+
+def blank_line(message: bytes) -> tuple[int, int] | None:
+    """``_BLANK_LINE.search(message).span()`` by ``bytes.find`` (the regex tried every
+    position of the message: ~25 µs on 5 KB).
+
+    The blank line that ends the header section: at the start, after the first line end
+    that another line end follows, or, failing both, at the very end after a final LF.
+    """
+    if message[:1] == b"\n":
+        return 0, 1
+    if message[:2] == b"\r\n":
+        return 0, 2
+    if not message:
+        return 0, 0
+    lf = first_blank_lf(message)
+    if lf >= 0:
+        start = lf + 1
+        return start, start + (2 if message[start] == 0x0D else 1)
+    if message[-1:] == b"\n":
+        return len(message), len(message)
+    return None
+
+
 def rfc822_parse(message: bytes) -> tuple[list[Header], bytes]:
     """``dkim.rfc822_parse``: (header fields, body with CRLF line ends).
 
@@ -47,14 +76,15 @@ def rfc822_parse(message: bytes) -> tuple[list[Header], bytes]:
     at all when it has CRLF line ends only. Raises ``dkim.MessageFormatError`` as dkimpy
     does, and IndexError where dkimpy does (a continuation line first).
     """
-    blank = _BLANK_LINE.search(message)
+    blank = blank_line(message)
     if blank is None:
         lines = _LINE_END.split(message)
         rest = None
     else:
-        lines = _LINE_END.split(message[: blank.start()])
+        start, end = blank
+        lines = _LINE_END.split(message[:start])
         lines.pop()  # the part after the last line end of the header section: empty
-        rest = message[blank.end() :] if blank.end() > blank.start() else None
+        rest = message[end:] if end > start else None
     headers: list[list[bytes]] = []
     for line in lines:
         if line[0] in (0x09, 0x20):

@@ -81,8 +81,12 @@ class DMARCRecord:
     rua: tuple[str, ...]
 
 
+@lru_cache(maxsize=4096)
 def parse_record(text: str) -> DMARCRecord | None:
-    """The record, or None when it is not a usable DMARC record (§6.6.3 step 6)."""
+    """The record, or None when it is not a usable DMARC record (§6.6.3 step 6).
+
+    Memoised by text (the result is immutable): each message from a domain reads the same
+    record again."""
     if not _VERSION.match(text):
         return None
     tags: dict[str, str] = {}

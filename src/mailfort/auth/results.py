@@ -14,11 +14,13 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 import dkim as dkimpy
 
 from mailfort.auth.arc import ARCResult, verify_arc_parsed
+from mailfort.auth.canon import first_blank_lf
 from mailfort.auth.dkim import (
     INLINE_LIMIT,
     DKIMResult,
@@ -78,6 +80,15 @@ def _value(text: str) -> str:
 
 
 def _resinfo(method: str, result: str, comment: str, props: Sequence[tuple[str, str]]) -> str:
+    return _resinfo_text(method, result, comment, tuple(props))
+
+
+# Memoised: mail from one sender gets the same results, comments and properties message
+# after message, and quoting and folding them cost ~15 µs each (five per message).
+@lru_cache(maxsize=4096)
+def _resinfo_text(
+    method: str, result: str, comment: str, props: tuple[tuple[str, str], ...]
+) -> str:
     parts = [f"{method}={result}"]
     if comment:
         parts.append(_comment(comment))
@@ -230,10 +241,10 @@ def _split_message(raw: bytes) -> tuple[bytes, bytes]:
     """(header section, rest from the blank line on)."""
     if raw.startswith((b"\r\n", b"\n")):
         return b"", raw
-    m = re.search(rb"\r?\n\r?\n", raw)
-    if m is None:
+    lf = first_blank_lf(raw)
+    if lf < 0:
         return raw, b""
-    cut = m.start() + (2 if raw[m.start()] == 0x0D else 1)  # keep the last header's EOL
+    cut = lf + 1  # keep the last header's EOL
     return raw[:cut], raw[cut:]
 
 
