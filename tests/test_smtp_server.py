@@ -169,3 +169,49 @@ async def test_an_idle_client_is_told_and_disconnected(server: _Server) -> None:
     assert (await _reply(reader)).startswith(b"421 4.4.2")
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
+
+
+@pytest.mark.parametrize(
+    ("prefix", "drip", "stall"),
+    [
+        (b"HELO c.test\r\n", b"NOOP", "command"),
+        (
+            b"HELO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@mx.test>\r\nDATA\r\n",
+            b"x",
+            "message",
+        ),
+    ],
+)
+async def test_a_client_dripping_octets_cannot_hold_a_session(
+    prefix: bytes, drip: bytes, stall: str
+) -> None:
+    """Each octet resets the idle timer, but a command (or a message) that never ends is cut
+    off: here the idle timeout is 1 s, a command may take 1.5 s and a message 2 s."""
+    handler = _Handler()
+    factory = smtp_factory(
+        handler, "mx.test", None, timeout=1.0, command_timeout=1.5, message_timeout=2.0
+    )
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        assert (await _reply(reader)).startswith(b"220")
+        writer.write(prefix)
+        replies = prefix.count(b"\r\n")
+        for _ in range(replies):
+            assert (await _reply(reader))[:1] in (b"2", b"3")
+        closing = asyncio.ensure_future(reader.read())
+        for _ in range(40):  # 40 x 0.2 s: well past both limits, never 1 s without an octet
+            if closing.done():
+                break
+            for octet in drip:
+                writer.write(bytes([octet]))
+                await asyncio.sleep(0.2)
+                if closing.done():
+                    break
+        rest = await asyncio.wait_for(closing, 10)
+        assert rest.startswith(b"421 4.4.2 Command timeout"), (stall, rest)
+        assert handler.messages == []
+        writer.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()

@@ -422,11 +422,16 @@ class ServerCore:
         self._pos = 0
         self._mode = _Mode.COMMAND
 
-    def timed_out(self) -> None:
-        """The caller's idle timer fired."""
+    def timed_out(self, what: str = "Idle timeout") -> None:
+        """One of the caller's timers fired."""
         if self._mode is not _Mode.CLOSED:
-            self._send("421 4.4.2 Idle timeout, closing connection")
+            self._send(f"421 4.4.2 {what}, closing connection")
             self._mode = _Mode.CLOSED
+
+    @property
+    def receiving_message(self) -> bool:
+        """Message octets are due (DATA or a BDAT chunk), not a command."""
+        return self._mode is _Mode.DATA or self._mode is _Mode.BDAT
 
     def _reset(self) -> None:
         self.in_transaction = False

@@ -31,6 +31,11 @@ __all__ = [
 
 MAX_PER_IP = 20
 IDLE_TIMEOUT = 300.0  # RFC 5321 §4.5.3.2.7: at least 5 minutes between commands
+# Without a reply for this long the session ends even if octets keep coming: a client
+# dripping a byte at a time would otherwise hold its slot for ever. A command gets the
+# idle time; a message, slow links and 50 MB in mind, longer.
+COMMAND_TIMEOUT = 300.0
+MESSAGE_TIMEOUT = 1800.0
 HANDSHAKE_TIMEOUT = 30.0
 # Pause reading when this much input waits behind a running hook (pipelined commands,
 # message octets); the core holds at most a message otherwise.
@@ -198,6 +203,8 @@ class SMTPProtocol(asyncio.Protocol):
         implicit_tls: bool,
         timeout: float,
         authenticate: Authenticator | None,
+        command_timeout: float = COMMAND_TIMEOUT,
+        message_timeout: float = MESSAGE_TIMEOUT,
     ) -> None:
         self._handler = handler
         self._config = config
@@ -206,6 +213,8 @@ class SMTPProtocol(asyncio.Protocol):
         self._tls_context = tls_context
         self._implicit_tls = implicit_tls
         self._timeout = timeout
+        self._command_timeout = command_timeout
+        self._message_timeout = message_timeout
         self._authenticate = authenticate
         self._core = ServerCore(config, tls=implicit_tls)
         self._transport: asyncio.Transport | None = None
@@ -218,7 +227,8 @@ class SMTPProtocol(asyncio.Protocol):
         self._eof = False
         self._write_paused = False
         self._read_paused = False
-        self._last = 0.0
+        self._last = 0.0  # when octets last came
+        self._progress = 0.0  # when a reply last went out
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None  # the running hook (held: tasks are weak)
         self.session: Session | None = None
@@ -237,8 +247,8 @@ class SMTPProtocol(asyncio.Protocol):
         self._counted = t
         self.session = Session(t.get_extra_info("peername"), self._implicit_tls)
         loop = asyncio.get_running_loop()
-        self._last = loop.time()
-        self._timer = loop.call_later(self._timeout, self._check_idle)
+        self._last = self._progress = loop.time()
+        self._timer = loop.call_later(min(self._timeout, self._command_timeout), self._check_idle)
         self._core.greeting()
         self._flush()
 
@@ -329,6 +339,7 @@ class SMTPProtocol(asyncio.Protocol):
         data = self._core.outgoing()
         if data and self._transport is not None:
             self._transport.write(data)
+            self._progress = asyncio.get_running_loop().time()
 
     def _finish(self) -> None:
         """Write what is queued, then close (after QUIT, a 421, lost framing)."""
@@ -428,7 +439,7 @@ class SMTPProtocol(asyncio.Protocol):
             self._core.receive(data)
         self._early.clear()
         self._busy = False
-        self._last = loop.time()
+        self._last = self._progress = loop.time()
         self._advance()
 
     def _check_idle(self) -> None:
@@ -436,11 +447,15 @@ class SMTPProtocol(asyncio.Protocol):
         if self._transport is None:
             return
         loop = asyncio.get_running_loop()
-        left = self._last + self._timeout - loop.time()
-        if left > 0 or self._busy:
-            self._timer = loop.call_later(max(left, 1.0), self._check_idle)
+        now = loop.time()
+        stall = self._message_timeout if self._core.receiving_message else self._command_timeout
+        idle_left = self._last + self._timeout - now
+        stall_left = self._progress + stall - now
+        if self._busy or (idle_left > 0 and stall_left > 0):
+            left = min(idle_left, stall_left)
+            self._timer = loop.call_later(max(left, 0.25), self._check_idle)
             return
-        self._core.timed_out()
+        self._core.timed_out("Idle timeout" if idle_left <= 0 else "Command timeout")
         self._finish()
 
     def _release(self) -> None:
@@ -460,6 +475,8 @@ def smtp_factory(
     auth_require_tls: bool = True,
     chunking: bool = False,
     timeout: float = IDLE_TIMEOUT,
+    command_timeout: float = COMMAND_TIMEOUT,
+    message_timeout: float = MESSAGE_TIMEOUT,
     max_per_ip: int = MAX_PER_IP,
     size_limit: int = DATA_SIZE_LIMIT,
     connections: ConnectionTable | None = None,
@@ -493,6 +510,8 @@ def smtp_factory(
             implicit_tls=implicit_tls,
             timeout=timeout,
             authenticate=authenticate,
+            command_timeout=command_timeout,
+            message_timeout=message_timeout,
         )
 
     return make
