@@ -8,6 +8,7 @@ close, back-pressure while a hook runs, and the idle timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,8 +17,14 @@ from typing import Any
 
 import pytest
 
+from mailfort.directory.service import Directory
+from mailfort.guard.logins import GuardPolicy, Limits, LoginGuard
 from mailfort.smtp.server import smtp_factory
+from mailfort.smtp.submission import SubmissionHandler
+from mailfort.store.service import MailStore
 from mailfort.tls import ensure_self_signed, server_context
+
+PASSWORD = "a long test passphrase"
 
 
 @dataclass
@@ -215,3 +222,66 @@ async def test_a_client_dripping_octets_cannot_hold_a_session(
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+async def test_submission_logins_are_throttled_then_refused_even_with_the_right_password(
+    tmp_path: Path,
+) -> None:
+    """Brute force over AUTH meets the guard IMAP and POP3 logins use: past the limit, the
+    password is not even checked (454, RFC 4954 §6) until the failures expire."""
+    directory = Directory.open(f"sqlite:///{tmp_path / 'directory.sqlite3'}")
+    directory.add_domain("example.test")
+    directory.add_user("alice@example.test", PASSWORD)
+    store = MailStore(tmp_path / "store")
+    policy = GuardPolicy(
+        per_ip=Limits(delay_after=10, refuse_after=3),
+        base_delay=0.0,
+        max_delay=0.0,  # in service, a refused attempt is also held 15 s
+        failure_floor=0.0,
+    )
+    handler = SubmissionHandler(
+        directory,
+        store,
+        None,  # type: ignore[arg-type]  # nothing is queued here
+        None,  # type: ignore[arg-type]
+        "smtp.example.test",
+        guard=LoginGuard(policy=policy),
+    )
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_self_signed(cert, key, "smtp.example.test")
+    factory = smtp_factory(
+        handler,
+        "smtp.example.test",
+        server_context(cert, key),
+        implicit_tls=True,
+        auth_required=True,
+    )
+    tls = server_context(cert, key)
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0, ssl=tls)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    client_tls.check_hostname = False
+
+    def plain(password: str) -> bytes:
+        blob = f"\0alice@example.test\0{password}".encode()
+        return b"AUTH PLAIN " + base64.b64encode(blob) + b"\r\n"
+
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
+        assert (await _reply(reader)).startswith(b"220")
+        writer.write(b"EHLO c.test\r\n")
+        while not (await _reply(reader)).startswith(b"250 "):
+            pass
+        for _ in range(3):
+            writer.write(plain("wrong guess"))
+            assert (await _reply(reader)).startswith(b"535 5.7.8")
+        writer.write(plain(PASSWORD))
+        assert (await _reply(reader)).startswith(b"454 4.7.0")
+        writer.write(b"MAIL FROM:<alice@example.test>\r\n")
+        assert (await _reply(reader)).startswith(b"530")  # still not logged in
+        writer.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+        store.close()
+        directory.close()

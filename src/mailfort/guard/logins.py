@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = [
     "FailureStore",
@@ -44,6 +44,7 @@ __all__ = [
     "MemoryFailureStore",
     "SharedFailureStore",
     "Verdict",
+    "node_guard",
 ]
 
 log = logging.getLogger(__name__)
@@ -250,3 +251,14 @@ class LoginGuard:
             return LoginOutcome()
         await self.record_success(ip, account)
         return LoginOutcome(value)
+
+
+def node_guard(memo: CounterTable | None, server_key: Any) -> LoginGuard:
+    """The guard every login listener of a worker uses (IMAP, POP3, SMTP submission):
+    failures counted node-wide in the workers' shared table (made before the fork), under
+    counter names every worker derives alike from the server key, so that an attacker
+    moving between protocols or workers meets the same counts. Without either, a guard of
+    this process's own."""
+    if memo is None or server_key is None:
+        return LoginGuard()
+    return LoginGuard(store=SharedFailureStore(memo), key=server_key.derive(b"guard/logins"))

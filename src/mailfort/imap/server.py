@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mailfort.directory.service import Directory
-from mailfort.guard.logins import LoginGuard, SharedFailureStore
+from mailfort.guard.logins import LoginGuard, node_guard
 from mailfort.imap import commands as c
 from mailfort.imap.connection import CommandReceived, Event, ImapConnection, Send
 from mailfort.imap.mailboxes import MailAccess
@@ -285,11 +285,7 @@ def set_access(services: ServicesLike, access: MailAccess) -> None:
 def _login_guard(services: ServicesLike) -> LoginGuard:
     """Failed logins counted node-wide when the workers share a table (made before the
     fork), with counter names every worker derives alike from the server key."""
-    memo = getattr(services, "memo", None)
-    server_key = services.directory.server_key
-    if memo is None or server_key is None:
-        return LoginGuard()
-    return LoginGuard(store=SharedFailureStore(memo), key=server_key.derive(b"guard/logins"))
+    return node_guard(getattr(services, "memo", None), services.directory.server_key)
 
 
 def access_for(services: ServicesLike) -> MailAccess:

@@ -398,7 +398,9 @@ class ServerCore:
         if text.startswith("421"):
             self._mode = _Mode.CLOSED  # RFC 5321 §3.8: 421 closes the channel
 
-    def auth_result(self, ok: bool) -> None:
+    def auth_result(self, ok: bool, refusal: str | None = None) -> None:
+        """Answer the pending `Credentials`; ``refusal`` replaces the usual 535 (a 454 when
+        the secret was not even checked)."""
         if self._mode is not _Mode.WAIT or not isinstance(self._pending, Credentials):
             raise RuntimeError("no AUTH awaits an answer")
         self._pending = None
@@ -407,7 +409,7 @@ class ServerCore:
             self.authenticated = True
             self._send("235 2.7.0 Authentication successful")
         else:
-            self._error("535 5.7.8 Authentication credentials invalid")
+            self._error(refusal or "535 5.7.8 Authentication credentials invalid")
 
     def tls_established(self) -> None:
         """RFC 3207 §4.2: the session starts over; the client must say EHLO again."""

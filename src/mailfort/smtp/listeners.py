@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mailfort import delivery
+from mailfort.guard.logins import node_guard
 from mailfort.outbound.client import SessionPool
 from mailfort.relay.contexts import pkix_context
 from mailfort.relay.forward import Forwarder, SRSKeys
@@ -98,6 +99,7 @@ async def _start_submission(services: Any, host: str, port: int, *, implicit: bo
         services.limits,
         settings.hostname,
         services.wake_engine,
+        guard=node_guard(getattr(services, "memo", None), services.directory.server_key),
     )
     factory = smtp_factory(
         handler,

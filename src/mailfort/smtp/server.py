@@ -25,6 +25,7 @@ __all__ = [
     "MAX_PER_IP",
     "ConnectionTable",
     "Envelope",
+    "LoginRefused",
     "Session",
     "smtp_factory",
 ]
@@ -186,7 +187,13 @@ class Handler(Protocol):
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str: ...
 
 
-Authenticator = Callable[[bytes, bytes], Awaitable[Any]]
+# (client address, login, password) -> the user, or None for wrong credentials; raises
+# LoginRefused when failed logins from there (or for that account) are being refused.
+Authenticator = Callable[[str, bytes, bytes], Awaitable[Any]]
+
+
+class LoginRefused(Exception):
+    """Too many failed logins: the credentials were not checked."""
 
 
 class SMTPProtocol(asyncio.Protocol):
@@ -356,8 +363,13 @@ class SMTPProtocol(asyncio.Protocol):
     ) -> None:
         try:
             if isinstance(event, core_mod.Credentials):
-                ok = await self._check_credentials(event)
-                self._core.auth_result(ok)
+                try:
+                    ok = await self._check_credentials(event)
+                except LoginRefused:
+                    # RFC 4954 §6: temporary; the client may try again later.
+                    self._core.auth_result(False, "454 4.7.0 Too many failed logins, try later")
+                else:
+                    self._core.auth_result(ok)
             else:
                 self._core.reply(await self._call(event))
         except Exception:
@@ -402,7 +414,7 @@ class SMTPProtocol(asyncio.Protocol):
     async def _check_credentials(self, event: core_mod.Credentials) -> bool:
         if self._authenticate is None or self.session is None:
             return False
-        user = await self._authenticate(event.login, event.password)
+        user = await self._authenticate(self._ip, event.login, event.password)
         if user is None:
             return False
         self.session.authenticated = True
@@ -484,7 +496,7 @@ def smtp_factory(
 ) -> Callable[[], SMTPProtocol]:
     """A protocol factory for ``loop.create_server``; ``connections`` defaults to a table
     of this listener's own (per process). AUTH PLAIN and LOGIN are offered when the
-    handler has ``authenticate(login, password)`` (returning the user or None)."""
+    handler has ``authenticate(ip, login, password)`` (see `Authenticator`)."""
     if connections is None:
         connections = ConnectionTable()
     authenticate = getattr(handler, "authenticate", None)

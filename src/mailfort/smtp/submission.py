@@ -26,10 +26,12 @@ from mailfort.directory.service import (
     User,
     address_owned,
 )
+from mailfort.guard.logins import LoginGuard
 from mailfort.mail.parser import Envelope, apply_envelope_header, iter_headers
 from mailfort.outbound.queue import Queue
 from mailfort.smtp import hygiene
 from mailfort.smtp.limits import SendingLimits
+from mailfort.smtp.server import LoginRefused
 from mailfort.store.service import MailStore
 
 log = logging.getLogger("mailfort.smtp.submission")
@@ -55,6 +57,7 @@ class SubmissionHandler:
         limits: SendingLimits,
         hostname: str,
         wake: Callable[[], None] = lambda: None,
+        guard: LoginGuard | None = None,
     ) -> None:
         self.directory = directory
         self.store = store
@@ -62,6 +65,8 @@ class SubmissionHandler:
         self.limits = limits
         self.hostname = hostname
         self.wake = wake
+        # Failed logins slow down, then are refused (per client and per account).
+        self.guard = guard if guard is not None else LoginGuard()
         self._keys = signing_keys(directory)
         # A user sends to the same few addresses: each lookup was a thread hop and three
         # queries.
@@ -79,15 +84,23 @@ class SubmissionHandler:
             session.mailfort_owned = owned
         return address_owned(owned, address)
 
-    async def authenticate(self, login: bytes, password: bytes) -> User | None:
-        try:
-            return await asyncio.to_thread(
-                self.directory.authenticate,
-                login.decode("utf-8", "replace"),
-                password.decode("utf-8", "replace"),
-            )
-        except AuthFailed:
-            return None
+    async def authenticate(self, ip: str, login: bytes, password: bytes) -> User | None:
+        """The user, or None; raises `LoginRefused` while failures from ``ip`` or against
+        the account are being refused (the guard the IMAP and POP3 logins share)."""
+        account = login.decode("utf-8", "replace")
+
+        async def check() -> User | None:
+            try:
+                return await asyncio.to_thread(
+                    self.directory.authenticate, account, password.decode("utf-8", "replace")
+                )
+            except AuthFailed:
+                return None
+
+        outcome = await self.guard.attempt(ip, account, check)
+        if outcome.refused:
+            raise LoginRefused
+        return outcome.value
 
     @staticmethod
     def _state(session: Any, envelope: Any) -> _Session:
