@@ -14,11 +14,10 @@ TLS state and a few small objects, and no timer handle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +29,7 @@ from mailfort.imap.mailboxes import MailAccess
 from mailfort.imap.session import Session
 from mailfort.imap.state import ServerPolicy
 from mailfort.imap.transport import ProtocolError, StreamIO
+from mailfort.listening import Listener, SessionServer
 from mailfort.store.service import MailStore
 from mailfort.tls import server_context
 
@@ -77,8 +77,10 @@ class _Conn:
         self.task: asyncio.Task[Any] | None = None
 
 
-class ImapServer:
+class ImapServer(SessionServer):
     """Serves IMAP connections for one listening socket."""
+
+    goodbye = b"* BYE Server shutting down\r\n"
 
     def __init__(
         self,
@@ -89,16 +91,13 @@ class ImapServer:
         policy: ServerPolicy | None = None,
         timeouts: Timeouts | None = None,
     ) -> None:
+        super().__init__(tls_context, implicit_tls=implicit_tls)
         self.access = access
-        self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
         self.policy = policy or ServerPolicy(
             tls_available=tls_context is not None and not implicit_tls
         )
         self.timeouts = timeouts or Timeouts()
-        self.connections: set[_Conn] = set()
-        self._sweeper: asyncio.Task[None] | None = None
-        self._releasing: set[asyncio.Future[None]] = set()
+        self.shutdown_timeout = self.timeouts.shutdown
 
     # -- connections ------------------------------------------------------------------
 
@@ -108,7 +107,7 @@ class ImapServer:
         session = Session(self.access, conn, io, io.peer_ip)
         state = _Conn(conn, io, session)
         state.task = asyncio.current_task()
-        self.connections.add(state)
+        self.live.add(state)
         try:
             io.write(conn.greeting())
             await self._serve(state)
@@ -119,24 +118,10 @@ class ImapServer:
         except Exception:
             log.exception("IMAP connection failed")
         finally:
-            self.connections.discard(state)
+            self.live.discard(state)
             state.task = None
-        await self._release(session.close())
+        await self._release(session.close(), "IMAP")
         io.close()
-
-    async def _release(self, closing: Coroutine[Any, Any, None]) -> None:
-        """Let go of a session's mailbox even if the server is stopping meanwhile: the
-        release runs as its own task, which :meth:`wait_closed` waits for.  The handler
-        itself never ends cancelled (asyncio's stream callback would log that)."""
-        task = asyncio.ensure_future(closing)
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("releasing a session failed")
 
     async def _serve(self, state: _Conn) -> None:
         conn, io, session = state.conn, state.io, state.session
@@ -185,7 +170,7 @@ class ImapServer:
         while True:
             await asyncio.sleep(t.sweep)
             now = time.monotonic()
-            for state in list(self.connections):
+            for state in list(self.live):
                 idle_for = now - state.last
                 limit = t.preauth if state.session.shared is None else t.authenticated
                 if idle_for > limit:
@@ -200,76 +185,6 @@ class ImapServer:
                 elif state.session.idling is not None and now - state.last_keepalive > t.keepalive:
                     state.last_keepalive = now
                     state.io.write(b"* OK Still here\r\n")
-
-    # -- lifecycle --------------------------------------------------------------------
-
-    async def start(self, host: str, port: int) -> Listener:
-        ssl_ctx = self.tls_context if self.implicit_tls else None
-        server = await asyncio.start_server(
-            self.handle,
-            host,
-            port,
-            ssl=ssl_ctx,
-            reuse_port=True,  # worker processes share the port (app._run_workers)
-            ssl_handshake_timeout=30.0 if ssl_ctx is not None else None,
-        )
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        return Listener(server, self)
-
-    def shutdown(self) -> None:
-        """Say BYE to every client and end their sessions (SIGTERM)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for state in list(self.connections):
-            with contextlib.suppress(Exception):
-                state.io.write(b"* BYE Server shutting down\r\n")
-            if state.task is not None:
-                state.task.cancel()
-
-    async def wait_closed(self) -> None:
-        tasks: list[asyncio.Future[Any]] = [s.task for s in self.connections if s.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.timeouts.shutdown)
-        if self._releasing:
-            await asyncio.wait(list(self._releasing), timeout=self.timeouts.shutdown)
-
-
-class _Owner(Protocol):
-    def shutdown(self) -> None: ...
-
-    async def wait_closed(self) -> None: ...
-
-
-class Listener(asyncio.AbstractServer):
-    """The listening socket plus its sessions: closing it ends both (SIGTERM)."""
-
-    def __init__(self, server: asyncio.Server, owner: _Owner) -> None:
-        self.server = server
-        self.owner = owner
-
-    @property
-    def port(self) -> int:
-        return int(self.server.sockets[0].getsockname()[1])
-
-    def close(self) -> None:
-        self.server.close()
-        self.owner.shutdown()
-
-    async def wait_closed(self) -> None:
-        await self.owner.wait_closed()
-        await self.server.wait_closed()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self.server.get_loop()
-
-    def is_serving(self) -> bool:
-        return self.server.is_serving()
-
-    async def start_serving(self) -> None:
-        await self.server.start_serving()
-
-    async def serve_forever(self) -> None:
-        await self.server.serve_forever()
 
 
 # ---- wiring -------------------------------------------------------------------------

@@ -11,16 +11,15 @@ IMAP sessions on the same mailbox hear of it at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 from mailfort.imap.mailboxes import MailAccess, SharedMailbox
-from mailfort.imap.server import Listener, ServicesLike, access_for, tls_context_for
+from mailfort.imap.server import ServicesLike, access_for, tls_context_for
 from mailfort.imap.transport import ProtocolError, StreamIO
+from mailfort.listening import SessionServer
 from mailfort.pop3.protocol import (
     AuthRequest,
     MaildropEntry,
@@ -54,7 +53,9 @@ class _Pop3Session:
         self.task: asyncio.Task[Any] | None = None
 
 
-class Pop3Server:
+class Pop3Server(SessionServer):
+    goodbye = b"-ERR [SYS/TEMP] Server shutting down\r\n"
+
     def __init__(
         self,
         access: MailAccess,
@@ -63,21 +64,17 @@ class Pop3Server:
         implicit_tls: bool,
         policy: Pop3Policy | None = None,
     ) -> None:
+        super().__init__(tls_context, implicit_tls=implicit_tls)
         self.access = access
-        self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
         self.policy = policy or Pop3Policy(
             tls_available=tls_context is not None and not implicit_tls
         )
-        self.sessions: set[_Pop3Session] = set()
-        self._sweeper: asyncio.Task[None] | None = None
-        self._releasing: set[asyncio.Future[None]] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         io = StreamIO(reader, writer, self.tls_context)
         s = _Pop3Session(Pop3Connection(self.policy, tls_active=self.implicit_tls), io)
         s.task = asyncio.current_task()
-        self.sessions.add(s)
+        self.live.add(s)
         try:
             io.write(s.conn.greeting())
             await self._serve(s)
@@ -86,25 +83,13 @@ class Pop3Server:
         except Exception:
             log.exception("POP3 connection failed")
         finally:
-            self.sessions.discard(s)
+            self.live.discard(s)
             s.task = None
         shared, s.shared = s.shared, None
         if shared is not None:
             # Without QUIT nothing is deleted (RFC 1939 §6): just let go.
-            await self._release(self.access.release(shared))
+            await self._release(self.access.release(shared), "POP3")
         io.close()
-
-    async def _release(self, closing: Coroutine[Any, Any, None]) -> None:
-        # As in the IMAP server: finish the release even while the server stops.
-        task = asyncio.ensure_future(closing)
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("releasing a POP3 session failed")
 
     async def _serve(self, s: _Pop3Session) -> None:
         conn, io = s.conn, s.io
@@ -183,42 +168,13 @@ class Pop3Server:
         while True:
             await asyncio.sleep(_SWEEP)
             now = time.monotonic()
-            for s in list(self.sessions):
+            for s in list(self.live):
                 limit = TIMEOUT_PREAUTH if s.shared is None else TIMEOUT_TRANSACTION
                 if now - s.last > limit:
                     # RFC 1939 §3: an autologout timer ends the session without UPDATE.
                     s.io.close()
                     if s.task is not None:
                         s.task.cancel()
-
-    async def start(self, host: str, port: int) -> Listener:
-        ssl_ctx = self.tls_context if self.implicit_tls else None
-        server = await asyncio.start_server(
-            self.handle,
-            host,
-            port,
-            ssl=ssl_ctx,
-            reuse_port=True,
-            ssl_handshake_timeout=30.0 if ssl_ctx is not None else None,
-        )
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        return Listener(server, self)
-
-    def shutdown(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for s in list(self.sessions):
-            with contextlib.suppress(Exception):
-                s.io.write(b"-ERR [SYS/TEMP] Server shutting down\r\n")
-            if s.task is not None:
-                s.task.cancel()
-
-    async def wait_closed(self) -> None:
-        tasks: list[asyncio.Future[Any]] = [s.task for s in self.sessions if s.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
-        if self._releasing:
-            await asyncio.wait(list(self._releasing), timeout=5.0)
 
 
 async def _start(services: ServicesLike, host: str, port: int, implicit: bool) -> int:
