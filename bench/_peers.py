@@ -20,10 +20,14 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from postfix_peer import _MASTER_CF as _TEST_MASTER_CF
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Proc = subprocess.Popen[bytes]
@@ -344,58 +348,37 @@ service lmtp {{
 
 # ---- Postfix -------------------------------------------------------------------------------
 
-# Debian's master.cf with chroot off (a chroot would need copies of /etc files in the queue
-# directory) and without the services this setup never uses (pipe transports, smtp client).
-_MASTER_CF = """\
-{listen} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# The tests' master.cf (Debian's with chroot off and without the services a private
+# instance never uses), plus what the benches add: LMTP delivery and proxywrite.
+MASTER_CF = (
+    _TEST_MASTER_CF
+    + "lmtp      unix  -       -       n       -       -       lmtp\n"
+    + "proxywrite unix -       -       n       -       1       proxymap\n"
+)
 
 
-class Postfix:
-    """A private Postfix: its own config directory, queue, data directory and log.
+class PrivatePostfix:
+    """A private Postfix 3.7 (``postfix -c DIR start-fg``): its own config directory, queue,
+    data directory and log, listening on ``address:port``. Subclasses give the main.cf
+    lines of their setup (`settings`); everything else is Postfix's default (queue files
+    fsynced before 250, delivery concurrency up to 20 per destination)."""
 
-    Recipients ``<local>@<domain>`` are the ``virtual_mailbox_maps`` (unknown ones are refused
-    at RCPT, as mailfort does). With ``lmtp_socket`` None the ``virtual`` agent writes
-    ``<root>/vmail/<local>/Maildir``; otherwise ``virtual_transport`` hands every message
-    to that LMTP socket. Other settings are Postfix 3.7's defaults (queue files fsynced
-    before 250, slow-start delivery concurrency up to 20 per domain, in-flow control).
-    """
+    purpose = "a benchmark"
+    hostname = "mx.postfix.test"
+    interfaces = "127.0.0.1"  # "loopback-only" to listen on another 127.0.0.x address
+    relayhost = ""
 
-    def __init__(
-        self, root: Path, port: int, domain: str, locals_: list[str], lmtp_socket: Path | None
-    ) -> None:
+    def __init__(self, root: Path, port: int, address: str = "127.0.0.1") -> None:
         self.root = root
         self.port = port
-        self.domain = domain
-        self.locals = locals_
-        self.lmtp_socket = lmtp_socket
+        self.address = address
         self.conf = root / "conf"
-        self.vmail = root / "vmail"
         self.proc: Proc | None = None
 
-    def maildirs(self) -> list[Path]:
-        return [self.vmail / local / "Maildir" for local in self.locals]
+    def settings(self) -> str:
+        """main.cf lines of this setup, after the common ones; files it needs are written
+        here (the conf directory exists)."""
+        return ""
 
     def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -411,17 +394,12 @@ class Postfix:
             raise RuntimeError("postfix not found: install Debian's postfix")
         if os.geteuid() != 0:
             raise RuntimeError("a private Postfix needs root (master drops to mail_owner)")
-        uid, gid = _mail_ids()
-        for sub in ("conf", "queue", "data", "vmail"):
+        for sub in ("conf", "queue", "data"):
             (self.root / sub).mkdir(parents=True)
         shutil.chown(self.root / "data", "postfix")
-        os.chown(self.vmail, uid, gid)
-        (self.conf / "vmailbox").write_text(
-            "".join(f"{local}@{self.domain} {local}/Maildir/\n" for local in self.locals)
-        )
-        transport = f"lmtp:unix:{self.lmtp_socket}" if self.lmtp_socket else "virtual"
+        domain = self.hostname.partition(".")[2]
         (self.conf / "main.cf").write_text(
-            f"""# private instance for bench/smtp_inbound.py
+            f"""# private instance for {self.purpose}
 compatibility_level = 3.6
 queue_directory = {self.root / "queue"}
 data_directory = {self.root / "data"}
@@ -429,44 +407,44 @@ mail_owner = postfix
 setgid_group = postdrop
 maillog_file = {self.root / "postfix.log"}
 maillog_file_prefixes = {self.root}
-myhostname = mx.postfix.test
-mydomain = postfix.test
+myhostname = {self.hostname}
+mydomain = {domain}
 myorigin = $myhostname
 mydestination =
-inet_interfaces = 127.0.0.1
+inet_interfaces = {self.interfaces}
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost =
+relayhost = {self.relayhost}
 alias_maps =
 alias_database =
 local_recipient_maps =
 biff = no
-virtual_mailbox_domains = {self.domain}
-virtual_mailbox_base = {self.vmail}
-virtual_mailbox_maps = texthash:{self.conf / "vmailbox"}
-virtual_uid_maps = static:{uid}
-virtual_gid_maps = static:{gid}
-virtual_minimum_uid = {min(uid, 100)}
-virtual_transport = {transport}
 """
+            + self.settings()
         )
-        (self.conf / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"{self.address}:{self.port}"))
         check = self._postfix("check")  # also creates the queue's subdirectories
         if check.returncode != 0:
             raise RuntimeError(f"postfix check failed: {check.stderr}{self.log_tail()}")
-        out = (self.root / "postfix.out").open("wb")
-        self.proc = subprocess.Popen(
-            ["postfix", "-c", str(self.conf), "start-fg"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        out.close()
+        with (self.root / "postfix.out").open("wb") as out:
+            self.proc = subprocess.Popen(
+                ["postfix", "-c", str(self.conf), "start-fg"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         try:
-            wait_for(lambda: smtp_banner(self.port), timeout, "postfix smtpd", self.proc)
+            wait_for(
+                lambda: smtp_banner(self.port, self.address), timeout, "postfix smtpd", self.proc
+            )
         except BaseException:
             raise RuntimeError(f"postfix did not start:\n{self.log_tail()}") from None
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.root / "postfix.log").read_text(errors="replace")
+        return ""
 
     def log_tail(self, lines: int = 20) -> str:
         out = []
@@ -481,3 +459,41 @@ virtual_transport = {transport}
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._postfix("stop", timeout=30)
         stop_process(self.proc)
+
+
+class Postfix(PrivatePostfix):
+    """Recipients ``<local>@<domain>`` are the ``virtual_mailbox_maps`` (unknown ones are
+    refused at RCPT, as mailfort does). With ``lmtp_socket`` None the ``virtual`` agent
+    writes ``<root>/vmail/<local>/Maildir``; otherwise ``virtual_transport`` hands every
+    message to that LMTP socket."""
+
+    purpose = "bench/smtp_inbound.py"
+
+    def __init__(
+        self, root: Path, port: int, domain: str, locals_: list[str], lmtp_socket: Path | None
+    ) -> None:
+        super().__init__(root, port)
+        self.domain = domain
+        self.locals = locals_
+        self.lmtp_socket = lmtp_socket
+        self.vmail = root / "vmail"
+
+    def maildirs(self) -> list[Path]:
+        return [self.vmail / local / "Maildir" for local in self.locals]
+
+    def settings(self) -> str:
+        uid, gid = _mail_ids()
+        self.vmail.mkdir()
+        os.chown(self.vmail, uid, gid)
+        (self.conf / "vmailbox").write_text(
+            "".join(f"{local}@{self.domain} {local}/Maildir/\n" for local in self.locals)
+        )
+        transport = f"lmtp:unix:{self.lmtp_socket}" if self.lmtp_socket else "virtual"
+        return f"""virtual_mailbox_domains = {self.domain}
+virtual_mailbox_base = {self.vmail}
+virtual_mailbox_maps = texthash:{self.conf / "vmailbox"}
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+virtual_minimum_uid = {min(uid, 100)}
+virtual_transport = {transport}
+"""

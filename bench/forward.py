@@ -71,13 +71,12 @@ from pathlib import Path
 
 import dkim
 import uvloop
-from _peers import CachingDNS, smtp_banner, stop_process, tree_cpu, wait_for
+from _peers import CachingDNS, PrivatePostfix, smtp_banner, stop_process, tree_cpu, wait_for
 from smtp_inbound import dkim_key, machine_busy, wait_quiet
 from smtp_outbound import SINK_ADDRESS, Sink, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from postfix_peer import _MASTER_CF  # noqa: E402
 
 from dnsserver import DNSServer, Zone  # noqa: E402
 
@@ -554,98 +553,30 @@ def _connectable(port: int) -> bool:
         return False
 
 
-class PostfixForwarder:
-    """A private Postfix 3.7 forwarding ``fwd@example.test`` to the sink: a virtual alias
-    domain, ``relayhost`` the sink, and (given ``srsd``) postsrsd's two tcp tables as its
-    README configures them. Everything else is Postfix's default (queue files fsynced
-    before 250, delivery concurrency up to 20 per destination, connection cache)."""
+class PostfixForwarder(PrivatePostfix):
+    """Forwards ``fwd@example.test`` to the sink: a virtual alias domain, ``relayhost`` the
+    sink, and (given ``srsd``) postsrsd's two tcp tables as its README configures them."""
+
+    purpose = "bench/forward.py"
+    hostname = "mx.example.test"
+    interfaces = "loopback-only"
 
     def __init__(self, root: Path, sink_port: int, srsd: PostSRSd | None) -> None:
-        self.root = root
-        self.port = free_port(POSTFIX_ADDRESS)
-        self.sink_port = sink_port
+        super().__init__(root, free_port(POSTFIX_ADDRESS), POSTFIX_ADDRESS)
+        self.relayhost = f"[{SINK_ADDRESS}]:{sink_port}"
         self.srsd = srsd
-        self.conf = root / "conf"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["postfix", "-c", str(self.conf), *args],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        for sub in ("conf", "queue", "data"):
-            (self.root / sub).mkdir(parents=True)
-        shutil.chown(self.root / "data", "postfix")
+    def settings(self) -> str:
         (self.conf / "virtual").write_text(f"{ALIAS} {TARGET}\n")
-        srs = ""
+        lines = f"virtual_alias_domains = example.test\nvirtual_alias_maps = texthash:{self.conf / 'virtual'}\n"
         if self.srsd is not None:
-            srs = (
+            lines += (
                 f"sender_canonical_maps = tcp:127.0.0.1:{self.srsd.forward_port}\n"
                 "sender_canonical_classes = envelope_sender\n"
                 f"recipient_canonical_maps = tcp:127.0.0.1:{self.srsd.reverse_port}\n"
                 "recipient_canonical_classes = envelope_recipient, header_recipient\n"
             )
-        (self.conf / "main.cf").write_text(
-            f"""# private instance for bench/forward.py
-compatibility_level = 3.6
-queue_directory = {self.root / "queue"}
-data_directory = {self.root / "data"}
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = {self.root / "postfix.log"}
-maillog_file_prefixes = {self.root}
-myhostname = mx.example.test
-mydomain = example.test
-myorigin = $myhostname
-mydestination =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [{SINK_ADDRESS}]:{self.sink_port}
-alias_maps =
-alias_database =
-local_recipient_maps =
-biff = no
-virtual_alias_domains = example.test
-virtual_alias_maps = texthash:{self.conf / "virtual"}
-{srs}"""
-        )
-        (self.conf / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"{POSTFIX_ADDRESS}:{self.port}")
-        )
-        check = self._postfix("check")
-        if check.returncode != 0:
-            raise RuntimeError(f"postfix check failed: {check.stdout}{check.stderr}")
-        with (self.root / "postfix.out").open("wb") as out:
-            self.proc = subprocess.Popen(
-                ["postfix", "-c", str(self.conf), "start-fg"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-        try:
-            wait_for(lambda: smtp_banner(self.port, POSTFIX_ADDRESS), 60, "postfix", self.proc)
-        except BaseException:
-            raise RuntimeError(f"postfix did not start:\n{self.log_tail()}") from None
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.root / "postfix.log").read_text(errors="replace")
-        return ""
-
-    def log_tail(self, lines: int = 25) -> str:
-        return "\n".join(
-            (self.log() + (self.root / "postfix.out").read_text(errors="replace")).splitlines()[
-                -lines:
-            ]
-        )
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self._postfix("stop")
-        stop_process(self.proc)
+        return lines
 
 
 def run_postfix(root: Path, wire: list[bytes], clients: int, per_session: int) -> Result:
