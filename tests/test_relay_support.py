@@ -213,10 +213,19 @@ class SeenRequest:
 
 
 class HTTPSServer:
-    """Threaded HTTPS on 127.0.0.1; ``context`` may be swapped between requests."""
+    """Threaded HTTPS on loopback; ``context`` may be swapped between requests. Requests are
+    answered from ``routes`` by path, or by ``respond`` when given (it sees each request
+    as recorded)."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        respond: Callable[[SeenRequest], Canned] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.context = context
+        self.respond = respond
         self.routes: dict[str, Canned] = {}
         self.requests: list[SeenRequest] = []
         self._release = threading.Event()
@@ -232,16 +241,18 @@ class HTTPSServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 sni = getattr(self.connection, "sni_seen", None)
-                owner.requests.append(
-                    SeenRequest(
-                        self.command,
-                        self.path,
-                        {k.lower(): v for k, v in self.headers.items()},
-                        body,
-                        sni,
-                    )
+                seen = SeenRequest(
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                    sni,
                 )
-                canned = owner.routes.get(self.path, Canned(404, b"not found"))
+                owner.requests.append(seen)
+                if owner.respond is not None:
+                    canned = owner.respond(seen)
+                else:
+                    canned = owner.routes.get(self.path, Canned(404, b"not found"))
                 if canned.hang:
                     owner._release.wait(10)
                     return
@@ -251,16 +262,18 @@ class HTTPSServer:
                 self.send_header("Content-Length", str(len(canned.body)))
                 self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(canned.body)
+                with contextlib.suppress(OSError):  # a client that left early
+                    self.wfile.write(canned.body)
 
             do_GET = _serve
             do_POST = _serve
 
         class Server(http.server.ThreadingHTTPServer):
             daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
             def handle_error(self, request: Any, client_address: Any) -> None:
-                return  # a client that refused our certificate: expected in these tests
+                return  # a client that refused our certificate or left early
 
             def get_request(self) -> tuple[socket.socket, Any]:
                 sock, addr = self.socket.accept()
@@ -280,7 +293,7 @@ class HTTPSServer:
                 tls.sni_seen = seen.get("sni")  # type: ignore[attr-defined]
                 return tls, addr
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = Server((host, 0), Handler)
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

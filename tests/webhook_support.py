@@ -11,16 +11,13 @@ The server runs in a thread so it outlives any one event loop.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import http.server
 import ipaddress
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from test_relay_support import CA, NOW, Issued
+from test_relay_support import CA, NOW, Canned, HTTPSServer, Issued, SeenRequest
 
 REPLAY_WINDOW = 300
 
@@ -71,88 +68,39 @@ def receiver_verifies(headers: dict[str, str], body: bytes, secret: bytes) -> bo
 
 
 class WebhookReceiver:
+    """The operator's endpoint: an `HTTPSServer` whose answers follow the signature check."""
+
     def __init__(self, context: ssl.SSLContext, secret: bytes, *, host: str = "127.0.0.1") -> None:
-        self.context = context
         self.secret = secret
         self.answer = Answer()
         self.requests: list[Received] = []
-        self._release = threading.Event()
-        owner = self
+        self._https = HTTPSServer(context, respond=self._respond, host=host)
+        self.port = self._https.port
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._https.context
 
-            def log_message(self, format: str, *args: Any) -> None:
-                return
+    @context.setter
+    def context(self, value: ssl.SSLContext) -> None:
+        self._https.context = value
 
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                verified = receiver_verifies(headers, body, owner.secret)
-                owner.requests.append(
-                    Received(
-                        self.command,
-                        self.path,
-                        headers,
-                        body,
-                        getattr(self.connection, "sni_seen", None),
-                        verified,
-                        json.loads(body) if verified else None,
-                    )
-                )
-                answer = owner.answer
-                if answer.hang:
-                    owner._release.wait(10)
-                    return
-                status = answer.status if answer.status is not None else (200 if verified else 401)
-                self.send_response(status)
-                for name, value in answer.headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(answer.body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                with contextlib.suppress(OSError):
-                    self.wfile.write(answer.body)
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                return  # a client that refused our certificate or left early
-
-            def get_request(self) -> tuple[socket.socket, Any]:
-                sock, addr = self.socket.accept()
-                seen: dict[str, str | None] = {}
-
-                def remember(obj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
-                    seen["sni"] = name
-
-                ctx = owner.context
-                ctx.sni_callback = remember
-                tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                tls.settimeout(5)
-                with contextlib.suppress(ssl.SSLError, OSError):
-                    tls.do_handshake()
-                tls.sni_seen = seen.get("sni")  # type: ignore[attr-defined]
-                return tls, addr
-
-        self._server = Server((host, 0), Handler)
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    def _respond(self, seen: SeenRequest) -> Canned:
+        verified = receiver_verifies(seen.headers, seen.body, self.secret)
+        payload = json.loads(seen.body) if verified else None
+        self.requests.append(
+            Received(seen.method, seen.path, seen.headers, seen.body, seen.sni, verified, payload)
         )
-        self._thread.start()
+        answer = self.answer
+        status = answer.status if answer.status is not None else (200 if verified else 401)
+        return Canned(status, answer.body, answer.headers, answer.hang)
 
     def reset(self) -> None:
         self.answer = Answer()
         self.requests.clear()
 
     def close(self) -> None:
-        self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
+        self._https.close()
 
 
 def issue_for_address(ca: CA, address: str) -> Issued:
