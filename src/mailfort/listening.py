@@ -12,25 +12,11 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
-
-
-class _IO(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-
-class LiveSession(Protocol):
-    """What the shared code reads of a server's per-connection record."""
-
-    @property
-    def io(self) -> _IO: ...
-
-    @property
-    def task(self) -> asyncio.Task[Any] | None: ...
 
 
 class SessionServer:
@@ -38,7 +24,8 @@ class SessionServer:
 
     Subclasses provide ``handle`` (the per-connection coroutine), ``_sweep`` (the idle
     timer loop), ``goodbye`` (written to every client at shutdown) and
-    ``shutdown_timeout``, and keep their live sessions in ``self.live``.
+    ``shutdown_timeout``, and keep their live sessions in ``self.live``: objects with the
+    session's ``io`` (written to) and the ``task`` serving it.
     """
 
     goodbye: bytes = b""
@@ -134,4 +121,4 @@ class Listener(asyncio.AbstractServer):
         await self.server.serve_forever()
 
 
-__all__ = ["Listener", "LiveSession", "SessionServer"]
+__all__ = ["Listener", "SessionServer"]

@@ -111,9 +111,8 @@ class InboundHandler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
-        # The null reverse-path (bounces) arrives as "<>" and stays so on the envelope
-        # (aiosmtpd's convention, kept by our server). See `_sender`.
-        if address != "<>" and not hygiene.valid_mailbox(address):
+        # The null reverse-path (bounces, RFC 5321 §4.5.5) arrives as "".
+        if address and not hygiene.valid_mailbox(address):
             return "501 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -361,8 +360,7 @@ def _declared_size(envelope: Any) -> int | None:
 
 def _sender(envelope: Any) -> str:
     """The envelope sender, "" for the null reverse-path."""
-    sender = envelope.mail_from or ""
-    return "" if sender == "<>" else str(sender)
+    return str(envelope.mail_from or "")
 
 
 def _with_tag(address: str, tag: str | None) -> str:

@@ -157,7 +157,6 @@ class Session:
         self.peer = peer
         self.ssl = ssl_active
         self.host_name: str | None = None
-        self.extended_smtp = False
         self.authenticated = False
         self.auth_data: Any = None
 
@@ -166,13 +165,11 @@ class Envelope:
     """One mail transaction; handlers add attributes of their own (``envelope.mailfort``)."""
 
     def __init__(self) -> None:
-        self.mail_from: str | None = None  # "<>" for the null reverse-path
+        self.mail_from: str | None = None  # "" for the null reverse-path
         self.mail_options: list[str] = []
         self.smtp_utf8 = False
         self.rcpt_tos: list[str] = []
-        self.rcpt_options: list[list[str]] = []
         self.original_content: bytes | None = None
-        self.content: bytes | None = None
 
 
 class Handler(Protocol):
@@ -393,19 +390,17 @@ class SMTPProtocol(asyncio.Protocol):
         handler, session, envelope = self._handler, self.session, self.envelope
         assert session is not None
         session.host_name = self._core.helo
-        session.extended_smtp = self._core.extended
         if isinstance(event, core_mod.MailFrom):
             envelope = self.envelope = Envelope()
             envelope.smtp_utf8 = event.smtputf8
-            address = event.address or "<>"  # aiosmtpd's form of the null path
-            return await handler.handle_MAIL(self, session, envelope, address, list(event.options))
+            return await handler.handle_MAIL(
+                self, session, envelope, event.address, list(event.options)
+            )
         if isinstance(event, core_mod.RcptTo):
-            options = list(event.options)
-            reply = await handler.handle_RCPT(self, session, envelope, event.address, options)
-            if reply.startswith("2"):
-                envelope.rcpt_options.append(options)
-            return reply
-        envelope.original_content = envelope.content = event.content
+            return await handler.handle_RCPT(
+                self, session, envelope, event.address, list(event.options)
+            )
+        envelope.original_content = event.content
         try:
             return await handler.handle_DATA(self, session, envelope)
         finally:
