@@ -107,7 +107,7 @@ class _Mode(enum.Enum):
     SKIP_LINE = enum.auto()  # after an over-long command line: drop up to its LF
     AUTH = enum.auto()  # a SASL response line is due
     WAIT = enum.auto()  # an event awaits its answer
-    TLS = enum.auto()  # the handshake is due: input until then is dropped
+    TLS = enum.auto()  # the handshake is due: input waits for `tls_established`
     CLOSED = enum.auto()
 
 
@@ -254,9 +254,11 @@ class ServerCore:
         self._mode = _Mode.CLOSED
 
     def receive(self, data: bytes) -> None:
-        if self._mode is _Mode.TLS or self._mode is _Mode.CLOSED:
-            return  # RFC 3207 §4.2 / CVE-2011-0411: no plaintext survives STARTTLS
-        self._buf += data
+        """Octets from the client. After `StartTLS`, only what came over TLS: the caller
+        stops reading the plain socket there (what was already read behind STARTTLS is
+        dropped here, RFC 3207 §4.2)."""
+        if self._mode is not _Mode.CLOSED:
+            self._buf += data
 
     def outgoing(self) -> bytes:
         if not self._out:
@@ -420,8 +422,6 @@ class ServerCore:
         self.helo = None
         self.extended = False
         self._reset()
-        self._buf.clear()
-        self._pos = 0
         self._mode = _Mode.COMMAND
 
     def timed_out(self, what: str = "Idle timeout") -> None:

@@ -226,8 +226,6 @@ class SMTPProtocol(asyncio.Protocol):
         # The transport the per-IP table counts: the TCP one, also after STARTTLS.
         self._counted: asyncio.BaseTransport | None = None
         self._busy = False  # a hook or the TLS handshake runs
-        self._handshaking = False
-        self._early: list[bytes] = []  # TLS data that came before start_tls() returned
         self._eof = False
         self._write_paused = False
         self._read_paused = False
@@ -257,11 +255,6 @@ class SMTPProtocol(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
-        if self._handshaking:
-            # Reading from the plain socket stopped at STARTTLS, so this came over TLS,
-            # before start_tls() returned to us: the core gets it once it knows.
-            self._early.append(data)
-            return
         core = self._core
         core.receive(data)
         if self._busy or self._write_paused:
@@ -325,10 +318,10 @@ class SMTPProtocol(asyncio.Protocol):
             if isinstance(event, core_mod.StartTLS):
                 self._flush()
                 # Nothing more from the plain socket: what the client pipelined behind
-                # STARTTLS is dropped by the core, and what arrives from here on is TLS.
+                # STARTTLS is dropped by the core, and what arrives from here on (even
+                # before start_tls() returns to us) is TLS.
                 if self._transport is not None:
                     self._transport.pause_reading()
-                self._handshaking = True
                 self._task = loop.create_task(self._start_tls())
             else:
                 # Replies so far wait for the hook's: pipelined commands (RFC 2920) get
@@ -436,15 +429,12 @@ class SMTPProtocol(asyncio.Protocol):
         if tls is None:  # the connection closed during the handshake
             return
         self._transport = tls
+        self._read_paused = False  # a pause during the handshake held the plain socket
         assert self.session is not None
         self.session.ssl = True
         self.session.host_name = None
         self.envelope = Envelope()
         self._core.tls_established()
-        self._handshaking = False
-        for data in self._early:
-            self._core.receive(data)
-        self._early.clear()
         self._busy = False
         self._last = self._progress = loop.time()
         self._advance()
