@@ -3,6 +3,7 @@
 - InboundHandler caches RCPT routes per worker: a user added or removed while the server
   runs, from this process or another one (``mailfort user add/remove``), counts at once.
 - Replies to pipelined commands go out together and in order; unpipelined ones at once.
+- Through the same in-process MX: postmaster is always a recipient (RFC 5321 §4.5.1).
 """
 
 from __future__ import annotations
