@@ -107,6 +107,9 @@ def test_corpora_match_dkimpy(raw: bytes) -> None:
 @example(b"A: b\r\r\n\r\nbody \t \r\n\r\n")
 @example(b" continuation first\r\n")
 @example(b"From sender line\r\nA: b\n\nx\ny\r\n")
+@example(b"::x\r\n\r\n")  # a name that starts with a colon: the next colon ends it
+@example(b":\r\n")  # a lone colon is no name
+@example(b":a:b\r\nA b: c\r\n")
 def test_parse_and_body_match_dkimpy(raw: bytes) -> None:
     _check_message(raw)
 
@@ -140,6 +143,8 @@ _SIG_PIECES = st.sampled_from(
 @example(b";b =  AB\r\n CD \t\r\n")
 @example(b" b=\r\n")
 @example(b"b=x; b=y")
+@example(b";b=AB \r\n")  # white space after the last base64 character stays
+@example(b" b=A B\r\n C\n")
 def test_b_tag_removal_matches_dkimpy(value: bytes) -> None:
     assert canon.strip_b_tag(value) == dkim.RE_BTAG.sub(b"\\1", value)
 

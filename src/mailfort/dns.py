@@ -7,10 +7,12 @@ MX and MTA-STS lookups all honour the same setting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import dns.asyncresolver
 import dns.exception
@@ -24,6 +26,9 @@ import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 R = TypeVar("R", bound=dns.resolver.BaseResolver)
+T = TypeVar("T")
+U = TypeVar("U")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ class AuthenticatedAnswer:
 class Resolver:
     """Async and sync lookups against one configured set of nameservers."""
 
+    # True for the view `cache_only` returns: lookups answer from the cache or raise.
+    cache_only = False
+
     def __init__(
         self,
         nameservers: list[Nameserver] | None = None,
@@ -114,6 +122,43 @@ class Resolver:
         if self._cache is not None:
             res.cache = self._cache
         return res
+
+    @property
+    def origin(self) -> Resolver:
+        """The resolver itself; for a `cache_only` view, the resolver it views."""
+        return self
+
+    def cache_only_view(self) -> Resolver:
+        """This resolver restricted to its cache: every lookup answers from it or raises
+        `NotCached`, so a coroutine that only looks things up completes without ever
+        waiting (see `gather` and `complete_now`)."""
+        view = self.__dict__.get("_view")
+        if view is None:
+            view = self.__dict__["_view"] = _CacheOnlyView(self)
+        return view
+
+    @overload
+    async def gather(
+        self, a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U], c: Coroutine[Any, Any, V], /
+    ) -> tuple[T, U, V]: ...
+
+    @overload
+    async def gather(self, *aws: Coroutine[Any, Any, T]) -> tuple[T, ...]: ...
+
+    async def gather(self, *aws: Coroutine[Any, Any, Any]) -> tuple[Any, ...]:
+        """`asyncio.gather` for coroutines whose waiting is DNS lookups through this
+        resolver. On a `cache_only` view none of them can wait, so they run one after the
+        other without a task each (tasks cost more than the cached lookups they wrap)."""
+        if not self.cache_only:
+            return tuple(await asyncio.gather(*aws))
+        out: list[Any] = []
+        try:
+            for aw in aws:
+                out.append(await aw)
+        finally:
+            for aw in aws[len(out) + 1 :]:
+                aw.close()  # never started: no "never awaited" warning for them
+        return tuple(out)
 
     @property
     def sync(self) -> dns.resolver.Resolver:
@@ -250,6 +295,51 @@ class Resolver:
         except _TEMPORARY as exc:
             raise TemporaryDNSError(f"{rtype} lookup failed") from exc
         return list(answer) if answer.rrset is not None else []
+
+
+class _CacheOnlyView(Resolver):
+    """`Resolver.cache_only_view`: the same configuration and caches, no network."""
+
+    cache_only = True
+
+    def __init__(self, origin: Resolver) -> None:  # shares the origin's state, no setup
+        self.__dict__.update({k: v for k, v in origin.__dict__.items() if k != "_view"})
+        self._origin = origin
+
+    @property
+    def origin(self) -> Resolver:
+        return self._origin
+
+    async def _query(self, name: str, rtype: str) -> list[dns.rdata.Rdata]:
+        return self.query_cached(name, rtype)
+
+    async def query_authenticated(self, name: str, rtype: str) -> AuthenticatedAnswer:
+        raise NotCached(name)  # never cached: see the AD resolver above
+
+    def query_sync(
+        self, name: str, rtype: str, lifetime: float | None = None
+    ) -> list[dns.rdata.Rdata]:
+        return self.query_cached(name, rtype)
+
+
+class WouldWait(Exception):
+    """`complete_now`: the coroutine waited for something."""
+
+
+def complete_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end at once, outside the event loop's scheduling.
+
+    For a coroutine that cannot wait (its lookups go to a `cache_only` view): it then
+    finishes in its first step and its exceptions (`NotCached`) come out as they are. If
+    it waits after all, it is closed and `WouldWait` raised; anything it started by then
+    is abandoned, so only coroutines without side effects before a wait belong here.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise WouldWait
 
 
 # Answers that say "nothing there", permanently: NXDOMAIN, NODATA, and names that cannot

@@ -26,7 +26,11 @@ _LINE_END = re.compile(rb"\r?\n")
 # A line ending with CRLF where the split below treats every LF as one: an empty line, and
 # the end of the message after a line end (dkimpy's split yields an empty last line there).
 _BLANK_LINE = re.compile(rb"(?:\A|(?<=\n))(?:\r?\n|\Z)")
-_HEADER_NAME = re.compile(rb"([\x21-\x7e]+?):")
+# dkimpy's ``([\x21-\x7e]+?):``: the shortest name of printable characters before a colon.
+# A colon ends it except as its first character, so this is the same match with greedy
+# runs of a class, which the regex engine scans in one loop instead of trying the colon
+# after every character.
+_HEADER_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+|:[\x21-\x39\x3b-\x7e]*):")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 # Runs of WSP that compressing to one space changes: all but a lone space. Replacing these
 # with b" " is ``re.sub(b"[\t ]+", b" ", x)`` without a match (and a copy) per single space.
@@ -35,7 +39,11 @@ _WSP_TO_COMPRESS = re.compile(rb"\t[\t ]*| [\t ]+")
 # exactly the runs of white space, and every quantifier is greedy with nothing after it
 # able to fail, so every match has the same extent. dkimpy's form backtracks on each
 # character of b=, ~80 us per signature; tests compare the two on generated input.
-_BTAG = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
+# The value part, dkimpy's ``(?:\s*[a-zA-Z0-9+/=])*``, is the longest run of white space
+# and base64 characters that ends in a base64 character: a greedy class run backed off to
+# its last base64 character, one loop in the regex engine instead of a group repeated per
+# character (~25 us for an RSA-2048 signature).
+_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
 
 Header = tuple[bytes, bytes]
 
@@ -78,11 +86,11 @@ def rfc822_parse(message: bytes) -> tuple[list[Header], bytes]:
     """
     blank = blank_line(message)
     if blank is None:
-        lines = _LINE_END.split(message)
+        lines = _split_lines(message)
         rest = None
     else:
         start, end = blank
-        lines = _LINE_END.split(message[:start])
+        lines = _split_lines(message[:start])
         lines.pop()  # the part after the last line end of the header section: empty
         rest = message[end:] if end > start else None
     headers: list[list[bytes]] = []
@@ -108,15 +116,28 @@ def rfc822_parse(message: bytes) -> tuple[list[Header], bytes]:
     return [(n, v) for n, v in headers], body
 
 
+def _split_lines(data: bytes) -> list[bytes]:
+    """``_LINE_END.split(data)``. With CRLF line ends only (what SMTP delivers) that is a
+    plain split, ten times faster than the regex trying every position."""
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data.split(b"\r\n")
+    return _LINE_END.split(data)
+
+
+# These two run on every header field. They test with find(), not ``in``: CPython 3.11's
+# ``bytes in bytes`` first tries the operand as an integer and raises and clears a
+# formatted TypeError each time (~2000 instructions).
+
+
 def _compress(value: bytes) -> bytes:
-    if b"\t" in value or b"  " in value:
+    if value.find(b"\t") >= 0 or value.find(b"  ") >= 0:
         return _WSP_TO_COMPRESS.sub(b" ", value)
     return value
 
 
 def _unfold(value: bytes) -> bytes:
     # re.sub(b"\r?\n", b"", v): every LF goes, and the CR right before each LF with it.
-    if b"\n" in value:
+    if value.find(b"\n") >= 0:
         return value.replace(b"\r\n", b"").replace(b"\n", b"")
     return value
 

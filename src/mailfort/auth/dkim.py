@@ -218,7 +218,7 @@ async def fetch_key(resolver: Resolver, name: str) -> KeyLookup:
 
 async def fetch_keys(resolver: Resolver, names: Iterable[str]) -> dict[str, KeyLookup]:
     unique = sorted(set(names))
-    found = await asyncio.gather(*(fetch_key(resolver, n) for n in unique))
+    found = await resolver.gather(*(fetch_key(resolver, n) for n in unique))
     return dict(zip(unique, found, strict=True))
 
 

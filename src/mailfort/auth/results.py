@@ -38,7 +38,7 @@ from mailfort.auth.dmarc import (
     strictest,
 )
 from mailfort.auth.spf import SPFCheck, SPFResult, check_spf
-from mailfort.dns import Resolver
+from mailfort.dns import NotCached, Resolver, WouldWait, complete_now
 
 HEADER_NAME: Final = "Authentication-Results"
 _COMMENT_MAX: Final = 120
@@ -332,40 +332,95 @@ async def authenticate(
 ) -> AuthVerdict:
     """Run SPF, DKIM, ARC and DMARC on one received message, concurrently where they do
     not depend on each other: SPF (worker threads), DKIM and ARC key lookups and the DMARC
-    policy lookup all start at once; DMARC is evaluated when SPF and DKIM are in."""
-    spf_task = asyncio.ensure_future(check_spf(resolver, ip, mail_from, helo, receiver=authserv_id))
+    policy lookup all start at once; DMARC is evaluated when SPF and DKIM are in.
+
+    Mail comes from the same senders again and again, so every record is usually in the
+    resolver's cache. The checks are then first tried against the cache alone, to the end
+    at once, without a task or a thread hand-off each (~0.1 ms of a ~0.5 ms check); a
+    record missing from the cache abandons that attempt, before anything was asked of the
+    network, for the concurrent path.
+    """
+    if resolver.caching and len(raw) <= INLINE_LIMIT:
+        attempt = _authenticate(raw, ip, helo, mail_from, resolver.cache_only_view(), authserv_id)
+        try:
+            verdict = complete_now(attempt)
+        except (NotCached, WouldWait):
+            pass
+        else:
+            return verdict.decided(sample)
+    verdict = await _authenticate(raw, ip, helo, mail_from, resolver, authserv_id)
+    return verdict.decided(sample)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the lookups found, before DMARC turns it into a verdict."""
+
+    raw: bytes
+    ip: str
+    authserv_id: str
+    msg: ParsedMessage | None
+    spf: SPFResult
+    dkim: DKIMResult
+    arc: ARCResult
+    domains: list[str]
+    lookups: Sequence[PolicyLookup]
+
+    def decided(self, sample: Callable[[], float]) -> AuthVerdict:
+        if self.msg is None:
+            dmarc_res = DMARCResult("permerror", "none", "", reason="malformed header section")
+        elif not self.domains:
+            dmarc_res = DMARCResult("permerror", "none", "", reason="no RFC5322.From domain")
+        else:
+            # RFC 7489 §6.6.1: several author domains -> the strictest outcome.
+            dmarc_res = strictest(
+                [evaluate(lk, self.spf, self.dkim, sample=sample) for lk in self.lookups]
+            )
+        header = build_header(
+            self.authserv_id,
+            ip=self.ip,
+            spf=self.spf,
+            dkim=self.dkim,
+            dmarc=dmarc_res,
+            arc=self.arc,
+        )
+        cleaned, removed = remove_forged_results(self.raw, self.authserv_id)
+        return AuthVerdict(self.spf, self.dkim, dmarc_res, self.arc, header, cleaned, removed)
+
+
+async def _authenticate(
+    raw: bytes, ip: str, helo: str, mail_from: str, resolver: Resolver, authserv_id: str
+) -> _Checked:
+    """The lookups and signature checks; SPF starts first, as it may need threads."""
+    spf_check = check_spf(resolver, ip, mail_from, helo, receiver=authserv_id)
+    if resolver.cache_only:
+        spf_task: asyncio.Future[SPFResult] | None = None
+        spf_res = await spf_check  # cannot wait: settles the attempt's cheapest part first
+    else:
+        spf_task = asyncio.ensure_future(spf_check)
     try:
         msg = await _parse(raw)
+        lookups: Sequence[PolicyLookup] = ()
+        domains: list[str] = []
         if msg is None:
             # dkimpy cannot split the header section: nothing signed can be verified.
             dkim_res = malformed_result(raw)
             arc_res = ARCResult(
                 "fail" if b"arc-seal" in raw.lower() else "none", (), "malformed header section"
             )
-            lookups: list[PolicyLookup] = []
-            domains: list[str] = []
         else:
             domains = list(dict.fromkeys(author_domains(msg.headers) or []))
-            dkim_res, arc_res, lookups = await asyncio.gather(
+            dkim_res, arc_res, lookups = await resolver.gather(
                 verify_dkim_parsed(resolver, msg),
                 verify_arc_parsed(resolver, msg),
-                asyncio.gather(*(discover_policy(resolver, d) for d in domains)),
+                resolver.gather(*(discover_policy(resolver, d) for d in domains)),
             )
-        spf_res = await spf_task
+        if spf_task is not None:
+            spf_res = await spf_task
     finally:
-        spf_task.cancel()  # no-op once done; stops an orphan if the checks above raised
-    if msg is None:
-        dmarc_res = DMARCResult("permerror", "none", "", reason="malformed header section")
-    elif not domains:
-        dmarc_res = DMARCResult("permerror", "none", "", reason="no RFC5322.From domain")
-    else:
-        # RFC 7489 §6.6.1: several author domains -> the strictest outcome.
-        dmarc_res = strictest([evaluate(lk, spf_res, dkim_res, sample=sample) for lk in lookups])
-    header = build_header(
-        authserv_id, ip=ip, spf=spf_res, dkim=dkim_res, dmarc=dmarc_res, arc=arc_res
-    )
-    cleaned, removed = remove_forged_results(raw, authserv_id)
-    return AuthVerdict(spf_res, dkim_res, dmarc_res, arc_res, header, cleaned, removed)
+        if spf_task is not None:
+            spf_task.cancel()  # no-op once done; stops an orphan if the checks above raised
+    return _Checked(raw, ip, authserv_id, msg, spf_res, dkim_res, arc_res, domains, lookups)
 
 
 __all__ = [

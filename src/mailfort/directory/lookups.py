@@ -31,18 +31,32 @@ class RouteCache:
         self._routes: OrderedDict[str, Route] = OrderedDict()
         self._marker: Hashable | None = None
 
+    def cached(self, address: str) -> Route | None:
+        """The route if a cached one is still valid, else None (`route` looks it up)."""
+        marker = self.directory.change_marker()
+        if marker is None:
+            return None
+        if marker != self._marker:
+            self._routes.clear()
+            self._marker = marker
+            return None
+        key = address.lower()  # Directory.route ignores case too
+        route = self._routes.get(key)
+        if route is not None:
+            self._routes.move_to_end(key)
+        return route
+
     async def route(self, address: str) -> Route:
+        route = self.cached(address)
+        if route is not None:
+            return route
         marker = self.directory.change_marker()  # before the lookup: see its docstring
         if marker is None:
             return await asyncio.to_thread(self.directory.route, address)
         if marker != self._marker:
             self._routes.clear()
             self._marker = marker
-        key = address.lower()  # Directory.route ignores case too
-        route = self._routes.get(key)
-        if route is not None:
-            self._routes.move_to_end(key)
-            return route
+        key = address.lower()
         route = await asyncio.to_thread(self.directory.route, address)
         # Another lookup may have seen a newer marker meanwhile: this answer may predate it.
         if self._marker == marker:

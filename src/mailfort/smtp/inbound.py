@@ -108,7 +108,7 @@ class InboundHandler:
                 return candidate
         return None
 
-    async def handle_MAIL(
+    def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         # The null reverse-path (bounces, RFC 5321 §4.5.5) arrives as "".
@@ -118,9 +118,23 @@ class InboundHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
-    async def handle_RCPT(
+    def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
-    ) -> str:
+    ) -> str | Awaitable[str]:
+        """At once when the recipient's route is cached (the common case); otherwise the
+        lookup is awaited."""
+        if address.lower() != POSTMASTER:
+            refusal = hygiene.rcpt_refusal(
+                address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
+            )
+            if refusal:
+                return refusal
+            route = self._routes.cached(address)
+            if route is not None:
+                return self._routed(envelope, address, route)
+        return self._rcpt_lookup(envelope, address, rcpt_options)
+
+    async def _rcpt_lookup(self, envelope: Any, address: str, rcpt_options: list[str]) -> str:
         try:
             if address.lower() == POSTMASTER:
                 # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain must be
@@ -135,6 +149,12 @@ class InboundHandler:
         except Exception:
             log.exception("directory lookup failed")
             return "451 4.3.0 Temporary lookup failure, try again later"
+        answer = self._routed(envelope, address, route)
+        return answer if isinstance(answer, str) else await answer
+
+    def _routed(self, envelope: Any, address: str, route: Route) -> str | Awaitable[str]:
+        """The RCPT reply for a resolved route; awaitable only where a forwarding rule in
+        DNS or a quota pre-check must be looked up."""
         if route.kind is RouteKind.NOT_HOSTED:
             return "550 5.7.1 Relaying denied"
         acc = _accepted(envelope)
@@ -142,7 +162,7 @@ class InboundHandler:
             if self.forwarder is not None and SRS.is_srs(address):
                 return self._srs_rcpt(envelope, acc, address)
             if route.dns_rules and self.forwarder is not None:
-                return await self._dns_rcpt(envelope, acc, address)
+                return self._dns_rcpt(envelope, acc, address)
             return "550 5.1.1 No such user here"
         if route.forwards or route.webhooks:
             if self.forwarder is None:
@@ -155,13 +175,23 @@ class InboundHandler:
         if len(route.users) == 1 and not (route.forwards or route.webhooks):
             # RFC 1870: a declared size lets a full mailbox refuse this recipient now.
             size = _declared_size(envelope)
-            if size is not None:
-                try:
-                    await self.store.check_room(recipient(route.users[0]), size)
-                except QuotaExceeded:
-                    return QUOTA_REPLY
-                except Exception:
-                    log.exception("quota pre-check failed")  # DATA checks again
+            if size is not None and self.store.quota.limited:
+                return self._sized_rcpt(envelope, acc, address, route, size)
+        return self._accept(envelope, acc, address, route)
+
+    async def _sized_rcpt(
+        self, envelope: Any, acc: _Accepted, address: str, route: Route, size: int
+    ) -> str:
+        try:
+            await self.store.check_room(recipient(route.users[0]), size)
+        except QuotaExceeded:
+            return QUOTA_REPLY
+        except Exception:
+            log.exception("quota pre-check failed")  # DATA checks again
+        return self._accept(envelope, acc, address, route)
+
+    @staticmethod
+    def _accept(envelope: Any, acc: _Accepted, address: str, route: Route) -> str:
         for user in route.users:
             acc.users[user.mailbox_id] = user
             acc.written.setdefault(user.mailbox_id, address)
@@ -310,7 +340,14 @@ class InboundHandler:
             return True
 
         users = list(acc.users.values())
-        outcomes = await asyncio.gather(*(one(u) for u in users), return_exceptions=True)
+        outcomes: list[bool | BaseException]
+        if len(users) == 1:  # the common case: no task and gathering future for one copy
+            try:
+                outcomes = [await one(users[0])]
+            except Exception as exc:
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(*(one(u) for u in users), return_exceptions=True)
         full = [u for u, o in zip(users, outcomes, strict=True) if isinstance(o, QuotaExceeded)]
         failed = False
         for outcome in outcomes:

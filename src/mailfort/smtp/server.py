@@ -173,15 +173,19 @@ class Envelope:
 
 
 class Handler(Protocol):
-    async def handle_MAIL(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str: ...
+    """The hooks return the reply line, or an awaitable of it (an ``async def`` hook's
+    coroutine, or a plain hook's when it must wait). A reply given at once costs no task:
+    that is the common MAIL and, with the recipient's route cached, RCPT."""
 
-    async def handle_RCPT(
+    def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str: ...
+    ) -> str | Awaitable[str]: ...
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str: ...
+    def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str | Awaitable[str]: ...
+
+    def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str | Awaitable[str]: ...
 
 
 # (client address, login, password) -> the user, or None for wrong credentials; raises
@@ -314,6 +318,19 @@ class SMTPProtocol(asyncio.Protocol):
             if isinstance(event, core_mod.Close):
                 self._finish()
                 return
+            if not isinstance(event, (core_mod.StartTLS, core_mod.Credentials)):
+                try:
+                    answer = self._begin(event)
+                except Exception:
+                    log.exception("SMTP handler failed")
+                    answer = "451 4.3.0 Internal error, try again later"
+                if isinstance(answer, str):
+                    # A hook that answered at once (MAIL, a cached RCPT): no task.
+                    core.reply(answer)
+                    continue
+                self._busy = True
+                self._task = loop.create_task(self._hook(event, answer))
+                return
             self._busy = True
             if isinstance(event, core_mod.StartTLS):
                 self._flush()
@@ -349,8 +366,12 @@ class SMTPProtocol(asyncio.Protocol):
             self._transport.close()
 
     async def _hook(
-        self, event: core_mod.MailFrom | core_mod.RcptTo | core_mod.Message | core_mod.Credentials
+        self,
+        event: core_mod.MailFrom | core_mod.RcptTo | core_mod.Message | core_mod.Credentials,
+        answer: Awaitable[str] | None = None,
     ) -> None:
+        """Wait for a hook's answer (``answer``, what `_begin` returned) or check AUTH
+        credentials, reply, and go on with the session."""
         try:
             if isinstance(event, core_mod.Credentials):
                 try:
@@ -361,7 +382,12 @@ class SMTPProtocol(asyncio.Protocol):
                 else:
                     self._core.auth_result(ok)
             else:
-                self._core.reply(await self._call(event))
+                assert answer is not None
+                try:
+                    self._core.reply(await answer)
+                finally:
+                    if isinstance(event, core_mod.Message):
+                        self.envelope = Envelope()
         except Exception:
             log.exception("SMTP handler failed")
             if isinstance(event, core_mod.Credentials):
@@ -379,25 +405,30 @@ class SMTPProtocol(asyncio.Protocol):
         if self._eof and not self._core.waiting and self._transport is not None:
             self._transport.close()
 
-    async def _call(self, event: core_mod.MailFrom | core_mod.RcptTo | core_mod.Message) -> str:
+    def _begin(
+        self, event: core_mod.MailFrom | core_mod.RcptTo | core_mod.Message
+    ) -> str | Awaitable[str]:
+        """Call the event's hook: its reply, or an awaitable of it. A hook may be a plain
+        function that answers at once (or returns an awaitable when it must wait), or a
+        coroutine function."""
         handler, session, envelope = self._handler, self.session, self.envelope
         assert session is not None
         session.host_name = self._core.helo
         if isinstance(event, core_mod.MailFrom):
             envelope = self.envelope = Envelope()
             envelope.smtp_utf8 = event.smtputf8
-            return await handler.handle_MAIL(
-                self, session, envelope, event.address, list(event.options)
-            )
+            return handler.handle_MAIL(self, session, envelope, event.address, list(event.options))
         if isinstance(event, core_mod.RcptTo):
-            return await handler.handle_RCPT(
-                self, session, envelope, event.address, list(event.options)
-            )
+            return handler.handle_RCPT(self, session, envelope, event.address, list(event.options))
         envelope.original_content = event.content
         try:
-            return await handler.handle_DATA(self, session, envelope)
-        finally:
+            answer = handler.handle_DATA(self, session, envelope)
+        except BaseException:
             self.envelope = Envelope()
+            raise
+        if isinstance(answer, str):
+            self.envelope = Envelope()
+        return answer
 
     async def _check_credentials(self, event: core_mod.Credentials) -> bool:
         if self._authenticate is None or self.session is None:

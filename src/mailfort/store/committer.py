@@ -28,6 +28,46 @@ class CommitterClosed(Exception):
     pass
 
 
+class _LoopFuture:
+    """An asyncio future as the commit thread sees it: the part of
+    ``concurrent.futures.Future`` the thread uses, each call passed to the loop."""
+
+    __slots__ = ("_fut", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any]) -> None:
+        self._loop = loop
+        self._fut = fut
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return True  # a write whose caller stopped waiting still runs (it may be mail)
+
+    def done(self) -> bool:
+        return False  # settled exactly once, by the thread, through the loop
+
+    def set_result(self, value: Any) -> None:
+        self._pass(True, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._pass(False, exc)
+
+    def _pass(self, ok: bool, value: Any) -> None:
+        # A closed loop has nobody waiting; raising here would end the commit thread.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_settle, self._fut, ok, value)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+_Waiter = concurrent.futures.Future[Any] | _LoopFuture
+
+
 class GroupCommitter:
     def __init__(self, con: apsw.Connection, name: str, max_batch: int = 512) -> None:
         self.con = con
@@ -42,14 +82,23 @@ class GroupCommitter:
 
     def submit(self, write: Callable[[apsw.Connection], T]) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise CommitterClosed
-            self._queue.put((write, fut))
+        self._put((write, fut))
         return fut
 
     async def run(self, write: Callable[[apsw.Connection], T]) -> T:
-        return await asyncio.wrap_future(self.submit(write))
+        """`submit` for a coroutine: the commit thread settles an asyncio future through
+        ``call_soon_threadsafe`` itself. Wrapping a concurrent future instead cost a
+        Condition and a chain of callbacks on both sides per write."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._put((write, _LoopFuture(loop, fut)))
+        return await fut
+
+    def _put(self, item: tuple[Write, _Waiter]) -> None:
+        with self._lock:
+            if self._closed:
+                raise CommitterClosed
+            self._queue.put(item)
 
     def close(self) -> None:
         with self._lock:
@@ -62,7 +111,7 @@ class GroupCommitter:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            batch: list[tuple[Write, concurrent.futures.Future[Any]]] = []
+            batch: list[tuple[Write, _Waiter]] = []
             stop = item is _STOP
             if not stop:
                 batch.append(item)  # type: ignore[arg-type]
@@ -80,11 +129,11 @@ class GroupCommitter:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Write, concurrent.futures.Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Write, _Waiter]]) -> None:
         if len(batch) == 1:
             self._commit_one(*batch[0])
             return
-        results: list[tuple[concurrent.futures.Future[Any], bool, Any]] = []
+        results: list[tuple[_Waiter, bool, Any]] = []
         try:
             self.con.execute("BEGIN IMMEDIATE")
             for write, fut in batch:
@@ -117,7 +166,7 @@ class GroupCommitter:
             else:
                 fut.set_exception(value)
 
-    def _commit_one(self, write: Write, fut: concurrent.futures.Future[Any]) -> None:
+    def _commit_one(self, write: Write, fut: _Waiter) -> None:
         """A batch of one needs no savepoint: its failure undoes only itself anyway. Two
         statements fewer per commit, and each one releases and retakes the GIL, which the
         event loop's thread holds most of the time (mail to many mailboxes, one commit
