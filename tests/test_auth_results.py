@@ -4,6 +4,8 @@ the real DNS server."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from typing import Any
 
 import authres
@@ -17,6 +19,7 @@ from mailfort.auth.results import (
     remove_forged_results,
 )
 from mailfort.auth.spf import SPFCheck, SPFResult
+from mailfort.dns import Nameserver, Resolver
 from test_auth_dkim import SIGNED, UNSIGNED, _rfc_zone
 
 OURS = "mx.mailfort.example"
@@ -260,3 +263,42 @@ async def test_concurrent_authentications_use_their_own_resolvers(dns_server: An
         assert [v.spf.result for v in verdicts] == ["pass", "fail"] * 10
     finally:
         other.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+async def test_checks_from_the_cache_give_the_verdict_checks_over_the_network_give(
+    dns_server: Any,
+) -> None:
+    """With a caching resolver (the service's), a message whose records are all cached is
+    checked from the cache alone; one that needs a lookup falls back to the network. Both
+    paths give the same verdicts, and no coroutine is left unawaited by a fallback."""
+    dns_server.set_zone(
+        {
+            **_football_zone(),
+            "other.example": [("TXT", "v=spf1 -all")],
+            "_dmarc.other.example": [("TXT", "v=DMARC1; p=quarantine")],
+        }
+    )
+    resolver = Resolver([Nameserver(dns_server.server.host, dns_server.port)], cache=True)
+    helo, sender = "mail.football.example.com", "joe@football.example.com"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a "never awaited" RuntimeWarning fails the test
+        # SPF and the DMARC policy get cached, the DKIM keys not: the next message's
+        # attempt from the cache stops at its first key, before the ARC and DMARC parts.
+        unsigned = await authenticate(UNSIGNED, CLIENT, helo, sender, resolver, OURS)
+        assert unsigned.dkim.result == "none"
+        cold = await authenticate(SIGNED, CLIENT, helo, sender, resolver, OURS)
+        asked = len(dns_server.queries)
+        warm = await authenticate(SIGNED, CLIENT, helo, sender, resolver, OURS)
+        assert len(dns_server.queries) == asked > 0  # nothing asked: all from the cache
+        # Same client and HELO (cached), a new author domain: its DMARC policy and SPF
+        # record are not cached, so this one goes over the network.
+        spoofed = SIGNED.replace(b"football.example.com>", b"other.example>", 1)
+        assert spoofed != SIGNED
+        other = await authenticate(spoofed, CLIENT, helo, "x@other.example", resolver, OURS)
+        assert len(dns_server.queries) > asked
+        gc.collect()  # an unawaited coroutine warns when it is collected
+    assert warm.header == cold.header and warm.dmarc == cold.dmarc
+    assert (cold.dmarc.result, warm.dkim.result) == ("pass", "pass")
+    assert other.spf.result == "fail" and other.dmarc.from_domain == "other.example"
+    assert (other.dmarc.result, other.disposition) == ("fail", "quarantine")

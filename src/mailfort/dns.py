@@ -152,12 +152,16 @@ class Resolver:
         if not self.cache_only:
             return tuple(await asyncio.gather(*aws))
         out: list[Any] = []
-        try:
-            for aw in aws:
+        failed: BaseException | None = None
+        for aw in aws:
+            # Every one is awaited even after a failure (a coroutine closed unstarted is
+            # reported as never awaited); against the cache the rest cost next to nothing.
+            try:
                 out.append(await aw)
-        finally:
-            for aw in aws[len(out) + 1 :]:
-                aw.close()  # never started: no "never awaited" warning for them
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         return tuple(out)
 
     @property
