@@ -78,7 +78,7 @@ class AuthenticatedAnswer:
 class Resolver:
     """Async and sync lookups against one configured set of nameservers."""
 
-    # True for the view `cache_only` returns: lookups answer from the cache or raise.
+    # True for the view `cache_only_view` returns: lookups answer from the cache or raise.
     cache_only = False
 
     def __init__(

@@ -33,36 +33,38 @@ class RouteCache:
 
     def cached(self, address: str) -> Route | None:
         """The route if a cached one is still valid, else None (`route` looks it up)."""
-        marker = self.directory.change_marker()
-        if marker is None:
+        if self._current_marker() is None:
             return None
-        if marker != self._marker:
-            self._routes.clear()
-            self._marker = marker
-            return None
-        key = address.lower()  # Directory.route ignores case too
-        route = self._routes.get(key)
-        if route is not None:
-            self._routes.move_to_end(key)
-        return route
+        return self._held(address.lower())
 
     async def route(self, address: str) -> Route:
-        route = self.cached(address)
-        if route is not None:
-            return route
-        marker = self.directory.change_marker()  # before the lookup: see its docstring
+        marker = self._current_marker()  # before the lookup: see its docstring
         if marker is None:
             return await asyncio.to_thread(self.directory.route, address)
-        if marker != self._marker:
-            self._routes.clear()
-            self._marker = marker
-        key = address.lower()
+        key = address.lower()  # Directory.route ignores case too
+        route = self._held(key)
+        if route is not None:
+            return route
         route = await asyncio.to_thread(self.directory.route, address)
         # Another lookup may have seen a newer marker meanwhile: this answer may predate it.
         if self._marker == marker:
             self._routes[key] = route
             if len(self._routes) > self.size:
                 self._routes.popitem(last=False)
+        return route
+
+    def _current_marker(self) -> Hashable | None:
+        """The directory's marker now; the routes held under an older one are dropped."""
+        marker = self.directory.change_marker()
+        if marker is not None and marker != self._marker:
+            self._routes.clear()
+            self._marker = marker
+        return marker
+
+    def _held(self, key: str) -> Route | None:
+        route = self._routes.get(key)
+        if route is not None:
+            self._routes.move_to_end(key)
         return route
 
 

@@ -123,28 +123,34 @@ class InboundHandler:
     ) -> str | Awaitable[str]:
         """At once when the recipient's route is cached (the common case); otherwise the
         lookup is awaited."""
-        if address.lower() != POSTMASTER:
-            refusal = hygiene.rcpt_refusal(
-                address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
-            )
-            if refusal:
-                return refusal
-            route = self._routes.cached(address)
-            if route is not None:
-                return self._routed(envelope, address, route)
-        return self._rcpt_lookup(envelope, address, rcpt_options)
+        if address.lower() == POSTMASTER:
+            return self._postmaster_rcpt(envelope, rcpt_options)
+        return self._rcpt(envelope, address, rcpt_options)
 
-    async def _rcpt_lookup(self, envelope: Any, address: str, rcpt_options: list[str]) -> str:
+    async def _postmaster_rcpt(self, envelope: Any, rcpt_options: list[str]) -> str:
+        # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain must be accepted: it
+        # is this host's postmaster.
         try:
-            if address.lower() == POSTMASTER:
-                # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain must be
-                # accepted: it is this host's postmaster.
-                address = await self._host_postmaster() or address
-            refusal = hygiene.rcpt_refusal(
-                address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
-            )
-            if refusal:
-                return refusal
+            address = await self._host_postmaster() or POSTMASTER
+        except Exception:
+            log.exception("directory lookup failed")
+            return "451 4.3.0 Temporary lookup failure, try again later"
+        answer = self._rcpt(envelope, address, rcpt_options)
+        return answer if isinstance(answer, str) else await answer
+
+    def _rcpt(self, envelope: Any, address: str, rcpt_options: list[str]) -> str | Awaitable[str]:
+        refusal = hygiene.rcpt_refusal(
+            address, rcpt_options, len(envelope.rcpt_tos), self.policy.max_recipients
+        )
+        if refusal:
+            return refusal
+        route = self._routes.cached(address)
+        if route is None:
+            return self._rcpt_lookup(envelope, address)
+        return self._routed(envelope, address, route)
+
+    async def _rcpt_lookup(self, envelope: Any, address: str) -> str:
+        try:
             route = await self._route(address)
         except Exception:
             log.exception("directory lookup failed")
